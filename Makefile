@@ -1,0 +1,54 @@
+# breastnet: every target runs inside .venv, which `make install` builds.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?=
+ARGS ?=
+DATA_ARG := $(if $(DATA),data.data_dir=$(DATA),)
+DEMO_DATA ?= data/demo
+RUN := $(PY) -m breastnet
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format demo prepare bench clean
+
+help: ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps staintools==2.1.2
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed ## build .venv with every pinned dependency
+
+test: install ## fast test suite (what CI runs)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install ## every test, slow ones too (needs ../shared/data/bach-dev for some)
+	$(PY) -m pytest -q
+
+lint: install ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## ruff fix + format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+$(DEMO_DATA): | install
+	$(PY) -m breastnet.data.synthetic $(DEMO_DATA)
+
+demo: install $(DEMO_DATA) ## whole pipeline on generated demo data, CPU
+	$(RUN) experiment=demo data.data_dir=$(DEMO_DATA) $(ARGS)
+
+prepare: install ## index, split, Macenko-normalise and tile into the cache
+	$(RUN) 'stages=[prepare]' $(DATA_ARG) $(ARGS)
+
+bench: install ## prepare speed vs staintools on bach-dev
+	$(PY) experiments/bench_prepare.py $(ARGS)
+
+clean: ## remove caches of tools (not work/ or .venv)
+	rm -rf .pytest_cache .ruff_cache

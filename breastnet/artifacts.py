@@ -1,0 +1,48 @@
+"""Artifacts in ``work_dir``: content-hash keys and atomic writes, so reruns reuse and resume."""
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def config_hash(obj: Any, length: int = 10) -> str:
+    """Short stable hash of a JSON-able object (key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write(file)`` into a temporary file beside ``path``, then rename it.
+
+    An interrupted write never leaves a half-written artifact under the final name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically write a text file."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write JSON (indented, keys sorted)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Atomically write a ``.npy`` array (readable with ``np.load(mmap_mode="r")``)."""
+    atomic_write(path, lambda f: np.save(f, array))

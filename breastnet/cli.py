@@ -1,0 +1,44 @@
+"""``python -m breastnet``: compose the config with Hydra, then run the chosen stages in order."""
+
+import importlib
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+# The repository's conf/ (breastnet is installed editable, as DESIGN.md says).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Pipeline order; a stage is the module breastnet.stages.<name> with `run(cfg) -> dict`.
+PIPELINE = ("prepare", "patch", "features", "image", "evaluate", "predict")
+
+
+def run_stages(cfg: DictConfig) -> dict[str, float]:
+    """Run ``cfg.stages`` in pipeline order; returns every stage's metrics, merged."""
+    unknown = [s for s in cfg.stages if s not in PIPELINE]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    metrics: dict[str, float] = {}
+    for name in (s for s in PIPELINE if s in cfg.stages):
+        try:
+            stage = importlib.import_module(f"breastnet.stages.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"breastnet.stages.{name}":
+                raise
+            raise ValueError(f"stage {name!r} is not available in this version") from e
+        log.info("stage %s", name)
+        metrics |= stage.run(cfg)
+    for key, value in metrics.items():
+        log.info("%s: %s", key, value)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point; returns ``cfg.optimized_metric`` for Hydra sweepers."""
+    metrics = run_stages(cfg)
+    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None

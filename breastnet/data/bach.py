@@ -1,0 +1,339 @@
+"""Index a BACH-layout folder: find the images, label them, validate them, flag duplicates.
+
+Everything is checked before any long work starts: a bad file fails the run with a message
+that names it (or, with ``skip_bad``, is left out with a warning). Validation results are
+reused from the previous ``index.csv`` for files whose size and mtime are unchanged.
+"""
+
+import csv
+import hashlib
+import io
+import logging
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from breastnet import CLASSES
+from breastnet.artifacts import atomic_write, config_hash
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg"})
+GROUND_TRUTH_CSV = "microscopy_ground_truth.csv"  # BACH's own label file, next to Photos/
+_LABEL_ALIASES = {
+    "normal": "Normal",
+    "benign": "Benign",
+    "insitu": "InSitu",
+    "insitucarcinoma": "InSitu",
+    "invasive": "Invasive",
+    "invasivecarcinoma": "Invasive",
+}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+@dataclass
+class IndexEntry:
+    """One image file: where it is, its label, what validation found."""
+
+    image_id: str  # path relative to data_dir, without suffix: "Benign/b001"
+    path: str  # absolute path
+    label: str
+    width: int = 0
+    height: int = 0
+    mode: str = ""  # PIL mode of the file; anything but RGB is converted on read
+    sha1: str = ""
+    file_size: int = 0
+    mtime_ns: int = 0
+    error: str = ""
+    duplicate_of: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """Can go into a split: valid and not a copy of another image."""
+        return not self.error and not self.duplicate_of
+
+    @property
+    def label_index(self) -> int:
+        return CLASSES.index(self.label)
+
+
+def canonical_label(name: str) -> str | None:
+    """Map a folder or CSV label ('in_situ', 'In Situ', 'INVASIVE') to a class name."""
+    return _LABEL_ALIASES.get(re.sub(r"[^a-z]", "", name.lower()))
+
+
+def read_rgb(path: str | Path) -> tuple[np.ndarray, str]:
+    """Decode an image fully as RGB uint8; returns (array, original PIL mode).
+
+    Transparent pixels are composited on white (background on a slide), grayscale is
+    replicated; a truncated or unreadable file raises ``DataError`` naming it.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "RGB":
+                return np.asarray(im), mode
+            if mode == "P":
+                im = im.convert("RGBA")
+            if im.mode in ("RGBA", "LA", "PA"):
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, im.convert("RGBA"))
+            if im.mode in ("I;16", "I;16B", "I", "F"):
+                raise DataError(f"{path}: {mode} images (16-bit or float) are not supported")
+            return np.asarray(im.convert("RGB")), mode
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+def find_images(data_dir: Path) -> list[Path]:
+    """Image files under ``data_dir`` (recursively, hidden entries skipped), sorted."""
+    return sorted(
+        p
+        for p in data_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(data_dir).parts)
+    )
+
+
+def folder_label(path: Path, data_dir: Path) -> str | None:
+    """Label from the nearest enclosing class folder (BACH's layout), if any."""
+    for parent in path.relative_to(data_dir).parents:
+        if parent.name and (label := canonical_label(parent.name)):
+            return label
+    return None
+
+
+def read_label_csv(path: Path) -> dict[str, str]:
+    """Read a ``file,label`` CSV (BACH's ground truth has no header; one is allowed)."""
+    labels: dict[str, str] = {}
+    with open(path, newline="") as f:
+        for row_no, row in enumerate(csv.reader(f), start=1):
+            if not row or not row[0].strip():
+                continue
+            if len(row) < 2:
+                raise DataError(f"{path}, line {row_no}: expected 'file,label', got {row}")
+            name, raw = row[0].strip(), row[1].strip()
+            label = canonical_label(raw)
+            if label is None:
+                if row_no == 1 and raw.lower() in ("label", "class", "diagnosis"):
+                    continue  # header
+                raise DataError(
+                    f"{path}, line {row_no}: unknown label {raw!r} for {name!r} "
+                    f"(expected one of {', '.join(CLASSES)})"
+                )
+            labels[name] = label
+    return labels
+
+
+def _validate(path: Path) -> dict:
+    """Decode the whole file (catches truncation), hash it, record its size and mode."""
+    stat = path.stat()
+    found = {"file_size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        image, mode = read_rgb(path)
+    except DataError as e:
+        return found | {"error": str(e)}
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()
+    h, w = image.shape[:2]
+    return found | {"width": w, "height": h, "mode": mode, "sha1": digest, "error": ""}
+
+
+def _check_empty_class_folders(data_dir: Path, files: list[Path]) -> list[str]:
+    """Class folders that hold no image (a sign of a failed copy or download)."""
+    with_images = {parent for f in files for parent in f.parents}
+    return [
+        f"{d}: class folder holds no images"
+        for d in sorted(data_dir.rglob("*"))
+        if d.is_dir() and canonical_label(d.name) and d not in with_images
+    ]
+
+
+def build_index(
+    data_dir: str | Path,
+    labels_csv: str | Path | None = None,
+    min_size: int = 1,
+    skip_bad: bool = False,
+    num_workers: int = 2,
+    previous: list[IndexEntry] | None = None,
+) -> list[IndexEntry]:
+    """Scan, label, validate and hash every image under ``data_dir``.
+
+    Args:
+        data_dir: a BACH layout (class folders, optionally under ``Photos/``).
+        labels_csv: ``file,label`` CSV; BACH's ``microscopy_ground_truth.csv`` is used when
+            found in ``data_dir`` or ``data_dir/Photos``. Must agree with the folders.
+        min_size: smallest allowed width/height (one tile).
+        skip_bad: leave bad files out with a warning instead of failing.
+        num_workers: threads that decode images (PIL releases the GIL while decoding).
+        previous: an earlier index; unchanged files are not decoded again.
+
+    Raises:
+        DataError: listing every bad file, unless ``skip_bad``.
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory does not exist")
+    files = find_images(data_dir)
+    if not files:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise DataError(f"{data_dir}: no images ({suffixes}) found")
+    problems = _check_empty_class_folders(data_dir, files)
+
+    csv_path = _find_label_csv(data_dir, labels_csv)
+    csv_labels = read_label_csv(csv_path) if csv_path else {}
+    entries = [_labelled_entry(f, data_dir, csv_labels, csv_path) for f in files]
+
+    # Reuse what an earlier scan decoded, for files whose size and mtime are unchanged.
+    cached = {(e.path, e.file_size, e.mtime_ns): e for e in previous or [] if e.sha1}
+    todo = []
+    for entry in entries:
+        stat = Path(entry.path).stat()
+        hit = cached.get((entry.path, stat.st_size, stat.st_mtime_ns))
+        if hit is None:
+            todo.append(entry)
+        else:
+            _update(entry, {k: getattr(hit, k) for k in _VALIDATED})
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        results = pool.map(_validate, (Path(e.path) for e in todo))
+        progress = tqdm(results, total=len(todo), desc="index", unit="img", disable=not todo)
+        for entry, found in zip(todo, progress, strict=True):
+            found["error"] = entry.error or found["error"]  # a label error comes first
+            _update(entry, found)
+
+    for e in entries:
+        if not e.error and min(e.width, e.height) < min_size:
+            e.error = (
+                f"{e.path}: image {e.width}x{e.height} is smaller than one {min_size} px tile"
+            )
+        if not e.error and e.mode != "RGB":
+            log.warning("%s: %s image converted to RGB", e.path, e.mode)
+    problems += [e.error for e in entries if e.error]
+    if problems and not skip_bad:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(
+            f"{len(problems)} problem(s) in {data_dir}:\n  {shown}{more}\n"
+            "Fix or remove these files, or set data.skip_bad=true to leave them out."
+        )
+    for problem in problems:
+        log.warning("skipped: %s", problem)
+    _flag_duplicates(entries)
+    _check_classes(entries, data_dir)
+    return entries
+
+
+_VALIDATED = ("width", "height", "mode", "sha1", "file_size", "mtime_ns")
+
+
+def _update(entry: IndexEntry, found: dict) -> None:
+    for key, value in found.items():
+        setattr(entry, key, value)
+
+
+def _find_label_csv(data_dir: Path, labels_csv: str | Path | None) -> Path | None:
+    if labels_csv is not None:
+        path = Path(labels_csv).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path}: label CSV does not exist")
+        return path
+    for candidate in (data_dir / GROUND_TRUTH_CSV, data_dir / "Photos" / GROUND_TRUTH_CSV):
+        if candidate.is_file():
+            log.info("labels cross-checked against %s", candidate)
+            return candidate
+    return None
+
+
+def _labelled_entry(
+    path: Path, data_dir: Path, csv_labels: dict[str, str], csv_path: Path | None
+) -> IndexEntry:
+    rel = path.relative_to(data_dir)
+    entry = IndexEntry(image_id=rel.with_suffix("").as_posix(), path=str(path), label="")
+    from_folder = folder_label(path, data_dir)
+    from_csv = csv_labels.get(rel.as_posix(), csv_labels.get(path.name))
+    if from_folder and from_csv and from_folder != from_csv:
+        entry.error = (
+            f"{path}: label file {csv_path} says {from_csv} but the file is in a "
+            f"{from_folder} folder"
+        )
+    elif not (from_folder or from_csv):
+        entry.error = (
+            f"{path}: no label: its folder '{rel.parent}' is not a class "
+            f"({', '.join(CLASSES)})" + ("" if csv_path else " and no label CSV was given")
+        )
+    entry.label = from_folder or from_csv or ""
+    return entry
+
+
+def _flag_duplicates(entries: list[IndexEntry]) -> None:
+    """Keep the first of identical files; later copies stay out of every split."""
+    first: dict[str, IndexEntry] = {}
+    for e in entries:
+        if e.error:
+            continue
+        if e.sha1 in first:
+            original = first[e.sha1]
+            e.duplicate_of = original.image_id
+            clash = (
+                f" (labelled {e.label} vs {original.label})" if e.label != original.label else ""
+            )
+            log.warning(
+                "%s is an exact duplicate of %s%s: left out of the splits so it cannot leak "
+                "across them",
+                e.path,
+                original.path,
+                clash,
+            )
+        else:
+            first[e.sha1] = e
+
+
+def _check_classes(entries: list[IndexEntry], data_dir: Path) -> None:
+    counts = defaultdict(int)
+    for e in entries:
+        if e.usable:
+            counts[e.label] += 1
+    missing = [c for c in CLASSES if not counts[c]]
+    if missing:
+        raise DataError(f"{data_dir}: no usable images for class(es) {', '.join(missing)}")
+
+
+def write_index(path: Path, entries: list[IndexEntry]) -> None:
+    """Atomically write ``index.csv`` (one row per file, bad ones with their error)."""
+    names = [f.name for f in fields(IndexEntry)]
+
+    def write(f) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(asdict(e) for e in entries)
+        f.write(text.getvalue().encode())
+
+    atomic_write(path, write)
+
+
+def read_index(path: Path) -> list[IndexEntry]:
+    """Read ``index.csv`` written by :func:`write_index`."""
+    ints = {"width", "height", "file_size", "mtime_ns"}
+    with open(path, newline="") as f:
+        return [
+            IndexEntry(**{k: int(v) if k in ints else v for k, v in row.items()})
+            for row in csv.DictReader(f)
+        ]
+
+
+def data_fingerprint(entries: list[IndexEntry]) -> str:
+    """Hash of the usable images (id, content, label): keys splits to the data they split."""
+    return config_hash(sorted((e.image_id, e.sha1, e.label) for e in entries if e.usable))

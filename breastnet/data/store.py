@@ -1,0 +1,199 @@
+"""The patch cache: every image stain-normalised and tiled once, stored as uint8 ``.npy``.
+
+``cache/<hash>/<image_id>.npy`` holds uint8 [N, S, S, 3] patches in row-major grid order;
+``manifest.jsonl`` is the journal: one line per finished image, appended only after its
+array is in place, so an interrupted build resumes with the images it had not finished.
+"""
+
+import json
+import logging
+import multiprocessing
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from breastnet.artifacts import save_npy, write_json
+from breastnet.data.bach import DataError, IndexEntry, read_rgb
+from breastnet.data.stain import MacenkoNormalizer, StainReference
+from breastnet.data.tiling import tile_image
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+TISSUE_LUMINOSITY = 0.8  # staintools' tissue mask: LAB lightness below 80 %
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How an image becomes patches: ``tile_size`` px of the source, resized to ``patch_size``."""
+
+    tile_size: int = 512
+    stride: int = 512
+    patch_size: int = 299
+
+
+@dataclass(frozen=True)
+class StainSettings:
+    """Macenko settings; ``reference`` None means no normalisation."""
+
+    reference: StainReference | None = None
+    solver: str = "lstsq"
+    luminosity_threshold: float = 0.8
+    angular_percentile: float = 99
+
+    def normalizer(self) -> MacenkoNormalizer | None:
+        if self.reference is None:
+            return None
+        return MacenkoNormalizer.from_reference(
+            self.reference,
+            solver=self.solver,
+            luminosity_threshold=self.luminosity_threshold,
+            angular_percentile=self.angular_percentile,
+        )
+
+
+def tissue_fraction(patches: np.ndarray) -> np.ndarray:
+    """Fraction of tissue (not bright background) pixels in each patch of [N, S, S, 3]."""
+    flat = patches.reshape(-1, patches.shape[2], 3)
+    lightness = cv2.cvtColor(flat, cv2.COLOR_RGB2LAB)[..., 0].reshape(len(patches), -1)
+    return (lightness < TISSUE_LUMINOSITY * 255).mean(axis=1)
+
+
+def normalise_and_tile(
+    image: np.ndarray, tiling: Tiling, normalizer: MacenkoNormalizer | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one path from a decoded RGB image to its patches, for prepare and predict alike."""
+    if normalizer is not None:
+        image = normalizer.transform(image)
+    return tile_image(image, tiling.tile_size, tiling.stride, tiling.patch_size)
+
+
+def _prepare_one(entry: IndexEntry, out: Path, tiling: Tiling, stain: StainSettings) -> dict:
+    """Worker: read, normalise, tile and store one image; returns its manifest record."""
+    image, _ = read_rgb(entry.path)
+    patches, positions = normalise_and_tile(image, tiling, stain.normalizer())
+    save_npy(out, patches)
+    return {
+        "image_id": entry.image_id,
+        "sha1": entry.sha1,
+        "shape": list(patches.shape),
+        "positions": positions.tolist(),
+        "tissue": np.round(tissue_fraction(patches), 4).tolist(),
+    }
+
+
+class PatchCache:
+    """One cache directory: its arrays, its manifest, and how to fill it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, image_id: str) -> Path:
+        return self.root / f"{image_id}.npy"
+
+    def records(self) -> dict[str, dict]:
+        """Finished images (the latest record per image; a torn last line is ignored)."""
+        records: dict[str, dict] = {}
+        manifest = self.root / MANIFEST
+        if manifest.is_file():
+            for line in manifest.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                records[record["image_id"]] = record
+        return records
+
+    def load(self, image_id: str) -> np.ndarray:
+        """Patches of one image, memory-mapped (a patch read touches only its own bytes)."""
+        return np.load(self.path(image_id), mmap_mode="r")
+
+    def missing(self, entries: Iterable[IndexEntry]) -> list[IndexEntry]:
+        """Entries without a finished, current (same content hash) array."""
+        records = self.records()
+        return [
+            e
+            for e in entries
+            if records.get(e.image_id, {}).get("sha1") != e.sha1
+            or not self.path(e.image_id).is_file()
+        ]
+
+    def build(
+        self,
+        entries: list[IndexEntry],
+        tiling: Tiling,
+        stain: StainSettings,
+        num_workers: int = 2,
+        skip_bad: bool = False,
+    ) -> dict[str, dict]:
+        """Fill the cache for ``entries``, skipping finished ones; returns their records.
+
+        Workers are spawned, not forked: a forked child that calls spams (OpenMP) after the
+        parent has hangs in libgomp, and ``stain.solver=lasso`` calls spams.
+        """
+        write_json(
+            self.root / "cache.json",
+            {"tiling": asdict(tiling), "stain": _stain_dict(stain)},
+        )
+        todo = self.missing(entries)
+        if todo:
+            log.info("prepare: %d of %d images to normalise and tile", len(todo), len(entries))
+            failures = self._run(todo, tiling, stain, num_workers)
+            if failures and not skip_bad:
+                raise DataError(
+                    f"{len(failures)} image(s) failed in prepare (the others are cached):\n  "
+                    + "\n  ".join(failures)
+                )
+            for failure in failures:
+                log.warning("skipped: %s", failure)
+        records = self.records()
+        return {e.image_id: records[e.image_id] for e in entries if e.image_id in records}
+
+    def _run(
+        self, todo: list[IndexEntry], tiling: Tiling, stain: StainSettings, num_workers: int
+    ) -> list[str]:
+        """Prepare ``todo``, journaling each finished image at once; returns the failures."""
+        failures = []
+        with (
+            open(self.root / MANIFEST, "a") as journal,
+            tqdm(total=len(todo), desc="prepare", unit="img") as progress,
+        ):
+            for entry, outcome in self._outcomes(todo, tiling, stain, num_workers):
+                if isinstance(outcome, Exception):  # one bad image must not lose the others
+                    failures.append(f"{entry.path}: {outcome}")
+                else:
+                    journal.write(json.dumps(outcome) + "\n")
+                    journal.flush()
+                progress.update()
+        return failures
+
+    def _outcomes(
+        self, todo: list[IndexEntry], tiling: Tiling, stain: StainSettings, num_workers: int
+    ) -> Iterator[tuple[IndexEntry, dict | Exception]]:
+        if num_workers <= 0:
+            for e in todo:
+                try:
+                    yield e, _prepare_one(e, self.path(e.image_id), tiling, stain)
+                except Exception as error:
+                    yield e, error
+            return
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futures = {
+                pool.submit(_prepare_one, e, self.path(e.image_id), tiling, stain): e for e in todo
+            }
+            for future in as_completed(futures):
+                yield futures[future], future.exception() or future.result()
+        finally:  # on Ctrl-C, do not wait for the queued images
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stain_dict(stain: StainSettings) -> dict:
+    settings = asdict(stain)
+    settings["reference"] = stain.reference.to_dict() if stain.reference else None
+    return settings

@@ -1,0 +1,1 @@
+"""Models: torchvision backbones, the patch classifier and the image-level aggregators."""

@@ -1,0 +1,1 @@
+"""Pipeline stages: each module has ``run(cfg) -> dict[str, float]`` and reads/writes work_dir."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: CPU only, real bach-dev images found through one setting."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+BACH_DEV = Path(os.environ.get("BREASTNET_BACH_DEV", ROOT.parent / "shared" / "data" / "bach-dev"))
+
+
+@pytest.fixture(scope="session")
+def bach_dev() -> Path:
+    """The real bach-dev images (BREASTNET_BACH_DEV, default ../shared/data/bach-dev)."""
+    if not BACH_DEV.is_dir():
+        pytest.skip(f"real BACH images not found at {BACH_DEV} (set BREASTNET_BACH_DEV)")
+    return BACH_DEV
+
+
+@pytest.fixture(scope="session")
+def real_tile(bach_dev: Path) -> np.ndarray:
+    """One 512x512 RGB tile of a real Invasive image."""
+    from PIL import Image
+
+    path = sorted((bach_dev / "Invasive").iterdir())[0]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))[512:1024, 512:1024].copy()
+
+
+def write_image(path: Path, array: np.ndarray) -> Path:
+    """Save an array as an image file (format from the suffix)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def tissue_like(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """A small random pink/purple RGB image (distinct content per seed)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([200, 120, 180]) + rng.integers(-40, 40, size=(height, width, 3))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def tiny_bach(tmp_path: Path) -> Path:
+    """A BACH layout with 4 small distinct PNGs per class (64x48)."""
+    from breastnet import CLASSES
+
+    root = tmp_path / "bach"
+    for c, name in enumerate(CLASSES):
+        for i in range(4):
+            write_image(root / name / f"{name[:2].lower()}{i:03d}.png", tissue_like(10 * c + i))
+    return root

@@ -1,0 +1,196 @@
+"""Prepare builds the patch cache once, resumes, reuses it; the loaders yield the right batches."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from breastnet.data import store
+from breastnet.data.bach import read_index
+from breastnet.data.datamodule import BreastDataModule, seed_worker
+from breastnet.data.synthetic import write_synthetic_dataset
+from breastnet.data.transforms import build_transforms
+
+STAIN = {"method": "macenko", "reference": "auto", "solver": "lstsq"}
+STAIN |= {"luminosity_threshold": 0.8, "angular_percentile": 99}
+AUGMENT = {"he_jitter": [0.7, 1.3], "rot90": True, "flip": True}
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 generated images per class, 256x192: a 4x3 grid of 64 px tiles."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("syn"), 5, 256, 192, seed=0)
+
+
+@pytest.fixture
+def make_dm(synthetic_dir: Path, tmp_path: Path) -> Callable[..., BreastDataModule]:
+    def make(**overrides) -> BreastDataModule:
+        kw = dict(
+            data_dir=str(synthetic_dir),
+            work_dir=str(tmp_path / "work"),
+            stain=OmegaConf.create(STAIN | overrides.pop("stain", {})),
+            augment=OmegaConf.create(AUGMENT),
+            split=[0.6, 0.2, 0.2],
+            tile_size=64,
+            stride=64,
+            patch_size=32,
+            batch_size=8,
+            num_workers=0,
+            prepare_workers=0,
+        )
+        return BreastDataModule(**(kw | overrides))
+
+    return make
+
+
+def test_prepare_writes_index_split_reference_and_cache(make_dm) -> None:
+    dm = make_dm()
+    dm.prepare_data()
+    dm.setup()
+    work = dm.work_dir
+    assert len(read_index(work / "index.csv")) == 20
+    assert [len(dm.split[s]) for s in ("train", "val", "test")] == [12, 4, 4]
+    assert len(list((work / "stain").glob("*.json"))) == 1
+    assert len(dm.records) == 20
+    patches = dm.cache.load("Invasive/iv000")
+    assert patches.shape == (12, 32, 32, 3) and patches.dtype == np.uint8
+    record = dm.records["Invasive/iv000"]
+    assert record["positions"][:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
+    assert dm.summary()["data/n_patches"] == 240.0
+    cache_json = json.loads((dm.cache.root / "cache.json").read_text())
+    assert cache_json["tiling"] == {"tile_size": 64, "stride": 64, "patch_size": 32}
+    assert len(cache_json["stain"]["reference"]["stain_matrix"]) == 2
+
+
+def test_patch_and_image_batches(make_dm) -> None:
+    dm = make_dm()
+    dm.prepare_data()
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (8, 3, 32, 32) and batch["x"].dtype == torch.uint8
+    assert batch["y"].dtype == torch.int64 and batch["pos"].shape == (8, 2)
+    image_dm = make_dm(mode="image", batch_size=2)
+    image_dm.setup()  # reads what the first prepare wrote
+    batch = next(iter(image_dm.val_dataloader()))
+    assert batch["x"].shape == (2, 12, 3, 32, 32) and batch["mask"].all()
+    assert batch["pos"][0, -1].tolist() == [2, 3]
+    labels = {e.image_id: e.label_index for e in image_dm.entries}
+    assert batch["y"].tolist() == [labels[i] for i in batch["image_id"]]
+
+
+def test_second_prepare_reuses_everything(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dm().prepare_data()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(store, "_prepare_one", fail)
+    monkeypatch.setattr("breastnet.data.bach.read_rgb", fail)
+    dm = make_dm(batch_size=16, num_workers=1)  # loader settings do not shape the cache
+    dm.prepare_data()
+    assert len(dm.records) == 20
+
+
+def test_tiling_change_builds_a_new_cache(make_dm) -> None:
+    first = make_dm()
+    first.prepare_data()
+    second = make_dm(patch_size=48)
+    second.prepare_data()
+    assert first.cache.root != second.cache.root
+    assert second.cache.load("Normal/n000").shape == (12, 48, 48, 3)
+    unstained = make_dm(stain={"method": "none"})
+    unstained.prepare_data()
+    assert unstained.cache.root not in (first.cache.root, second.cache.root)
+
+
+def test_interrupted_prepare_resumes(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = store._prepare_one
+    calls: list[str] = []
+
+    def interrupted(entry, *args):
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        calls.append(entry.image_id)
+        return real(entry, *args)
+
+    monkeypatch.setattr(store, "_prepare_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_dm().prepare_data()
+    done = list(calls)
+    calls.clear()
+
+    def counted(entry, *args):
+        calls.append(entry.image_id)
+        return real(entry, *args)
+
+    monkeypatch.setattr(store, "_prepare_one", counted)
+    dm = make_dm()
+    dm.prepare_data()
+    assert len(done) == 7 and len(calls) == 13 and not set(done) & set(calls)
+    assert len(dm.records) == 20
+
+
+def test_a_failing_image_keeps_the_others(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = store._prepare_one
+
+    def flaky(entry, *args):
+        if entry.image_id == "Benign/b002":
+            raise OSError("disk hiccup")
+        return real(entry, *args)
+
+    monkeypatch.setattr(store, "_prepare_one", flaky)
+    dm = make_dm()
+    with pytest.raises(Exception, match=r"(?s)1 image\(s\) failed .*b002\.png: disk hiccup"):
+        dm.prepare_data()
+    assert len(dm.cache.records()) == 19  # the others are cached
+    dm = make_dm(skip_bad=True)
+    dm.prepare_data()
+    assert len(dm.records) == 19 and "Benign/b002" not in dm.records
+
+
+def test_white_image_and_background_tiles(make_dm, synthetic_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import write_image
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    image = np.full((192, 256, 3), 255, np.uint8)
+    write_image(data / "Normal" / "white.png", image)
+    dm = make_dm(data_dir=str(data), min_tissue=0.05, split=[0.3, 0.3, 0.4])
+    dm.prepare_data()  # Macenko cannot estimate stains of a blank image: no crash
+    dm.setup()
+    white = dm.cache.load("Normal/white")
+    assert (np.asarray(white) >= 250).all()
+    assert dm.records["Normal/white"]["tissue"] == [0.0] * 12
+    side = next(s for s in ("train", "val", "test") if "Normal/white" in dm.split[s])
+    assert all(item[0] != "Normal/white" for item in dm.datasets[side].items)
+
+
+def test_setup_before_prepare_says_what_to_run(make_dm) -> None:
+    with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
+        make_dm().setup()
+
+
+class _SameImage(Dataset):
+    def __init__(self) -> None:
+        self.transform = build_transforms(True, None, None, rot90=True, flip=True, seed=0)
+        self.image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.transform(image=self.image)["image"].copy()
+
+
+def test_workers_draw_different_augmentations() -> None:
+    loader = DataLoader(_SameImage(), batch_size=1, num_workers=2, worker_init_fn=seed_worker)
+    outputs = [b[0].numpy() for b in loader]
+    # Without seed_worker both workers copy one RNG and emit identical sequences.
+    assert any(not np.array_equal(a, b) for a, b in zip(outputs[0::2], outputs[1::2], strict=True))
