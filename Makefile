@@ -9,7 +9,7 @@ DEMO_DATA ?= data/demo
 RUN := $(PY) -m breastnet
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo prepare bench clean
+.PHONY: help install test test-all lint format demo prepare patch features pipeline bench clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,15 @@ demo: install $(DEMO_DATA) ## whole pipeline on generated demo data, CPU
 
 prepare: install ## index, split, Macenko-normalise and tile into the cache
 	$(RUN) 'stages=[prepare]' $(DATA_ARG) $(ARGS)
+
+patch: install ## fine-tune the patch CNN on the cached patches
+	$(RUN) 'stages=[patch]' $(DATA_ARG) $(ARGS)
+
+features: install ## pooled features + probabilities of every patch (best patch checkpoint)
+	$(RUN) 'stages=[features]' $(DATA_ARG) $(ARGS)
+
+pipeline: install ## every stage in order
+	$(RUN) $(DATA_ARG) $(ARGS)
 
 bench: install ## prepare speed vs staintools on bach-dev
 	$(PY) experiments/bench_prepare.py $(ARGS)

@@ -10,7 +10,7 @@ of an image in grid order, padded to the longest image of the batch with a mask.
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from breastnet.artifacts import config_hash, write_json
 from breastnet.data import bach
@@ -128,6 +128,34 @@ def seed_worker(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(info.seed % 2**32)
 
 
+class EpochShuffle(Sampler[int]):
+    """Shuffle, and seed the augmentations, from (seed, epoch) alone.
+
+    Lightning creates (and prefetches from) the train iterator before ``on_train_epoch_start``
+    when it resumes, but after it otherwise; seeding here, when the epoch is set, makes a run
+    resumed from ``last.ckpt`` draw exactly what an uninterrupted run draws.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int = 0) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, None
+        self.generator = torch.Generator()  # DataLoader workers' base seed comes from it
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:  # Lightning sets it again after a resumed prefetch
+            return
+        self.epoch = epoch
+        self.generator.manual_seed(self.seed + epoch)
+        self.dataset.transform.set_random_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.dataset), generator=order).tolist()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
 class BreastDataModule(pl.LightningDataModule):
     """BACH images -> stain-normalised patch cache -> patch or image batches."""
 
@@ -166,6 +194,7 @@ class BreastDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.entries: list[IndexEntry] = []
         self.split: dict[str, list[str]] = {}
+        self.split_path: Path | None = None
         self.records: dict[str, dict] = {}
         self.reference: StainReference | None = None
         self.cache: PatchCache | None = None
@@ -224,7 +253,7 @@ class BreastDataModule(pl.LightningDataModule):
         """Find (``build``: make) the split, stain reference and cache for these entries."""
         hp = self.hparams
         self.entries = entries
-        self.split, split_path = load_or_make_split(
+        self.split, self.split_path = load_or_make_split(
             self.work_dir, entries, tuple(hp.split), hp.folds, hp.fold, hp.seed
         )
         self.reference, reference_key = self._reference(entries, build)
@@ -250,7 +279,7 @@ class BreastDataModule(pl.LightningDataModule):
             "data: %d images (%s), split %s, cache %s",
             len(usable),
             ", ".join(f"{s} {len(self.split[s])}" for s in SIDES),
-            split_path.name,
+            self.split_path.name,
             self.cache.root,
         )
 
@@ -332,10 +361,15 @@ class BreastDataModule(pl.LightningDataModule):
         dataset = self.datasets[side]
         batch = self.batch_size_per_device
         workers = self.hparams.num_workers
+        sampler = None
+        if shuffle:
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            sampler = EpochShuffle(dataset, self.hparams.seed, epoch)
         return DataLoader(
             dataset,
             batch_size=batch,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=sampler.generator if sampler else None,
             # Inception-V3's aux BatchNorm cannot train on a batch of one.
             drop_last=shuffle and len(dataset) % batch == 1,
             num_workers=workers,

@@ -1,0 +1,86 @@
+"""What the training stages share: the Trainer, per-epoch seeding, stage directories."""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from breastnet.artifacts import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+# Trainer keys that say where a run executes, not what it learns: left out of stage hashes.
+_PLACEMENT_KEYS = {
+    "_target_",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "sync_batchnorm",
+    "default_root_dir",
+    "log_every_n_steps",
+    "enable_progress_bar",
+    "enable_model_summary",
+}
+
+
+def container(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (for hashing and saving)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def training_settings(trainer_cfg: DictConfig) -> dict:
+    """The trainer settings that shape a model (epochs, precision, clipping...)."""
+    return {k: v for k, v in container(trainer_cfg).items() if k not in _PLACEMENT_KEYS}
+
+
+class EpochSeed(pl.Callback):
+    """Reseed the global RNGs (dropout...) at each epoch start from (seed, epoch).
+
+    With the DataModule's ``EpochShuffle`` (shuffle and augmentations), a run resumed from
+    ``last.ckpt`` draws what an uninterrupted one draws, and ends with the same weights.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The configured Trainer with its logger.
+
+    Lightning's ``ddp`` re-launches the command line for ranks > 0, which cannot work inside
+    a Hydra multirun (each job would start the sweep again): there ``ddp_spawn`` is used.
+    """
+    overrides: dict[str, Any] = {}
+    if _in_multirun() and cfg.trainer.get("strategy") == "ddp":
+        log.warning("trainer.strategy=ddp inside a Hydra multirun: using ddp_spawn instead")
+        overrides["strategy"] = "ddp_spawn"
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **overrides)
+
+
+def finish_stage(out_dir: Path, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Record a finished stage: its config, its metrics, then the DONE marker (last)."""
+    write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(out_dir / "metrics.json", metrics)
+    write_text(out_dir / "DONE", "")
+
+
+def finished_metrics(out_dir: Path) -> dict[str, float] | None:
+    """The metrics of a finished stage, or None if it has not finished."""
+    if not (out_dir / "DONE").is_file():
+        return None
+    return json.loads((out_dir / "metrics.json").read_text())

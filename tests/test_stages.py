@@ -1,0 +1,110 @@
+"""The training stages: patch checkpoints, resume, features, and reuse across reruns."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import make_cfg
+
+from breastnet.cli import run_stages
+from breastnet.data.synthetic import write_synthetic_dataset
+from breastnet.stages import patch
+from breastnet.stages.common import EpochSeed
+
+SMALL = [
+    "experiment=demo",
+    "data.tile_size=64",
+    "data.stride=64",
+    "data.patch_size=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.prepare_workers=0",
+    "data.split=[0.5,0.25,0.25]",
+    "patch_model=mobilenet_v2",
+    "patch_model.net.weights=none",
+    "patch_model.optimizer.lr=0.01",
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "+trainer.enable_progress_bar=false",
+    "~logger",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("demo"), 4, 256, 192, seed=5)
+
+
+def test_prepare_patch_features(demo: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "features.tta=true")
+    metrics = run_stages(cfg)
+    assert 0.0 <= metrics["patch/test_acc"] <= 1.0
+    assert set(metrics) >= {f"features/patch_acc_{s}" for s in ("train", "val", "test")}
+    (patch_dir,) = (tmp_path / "work" / "patch").iterdir()
+    assert {"best.ckpt", "last.ckpt", "DONE", "metrics.json", "config.yaml"} <= {
+        p.name for p in patch_dir.iterdir()
+    }
+    (features_file,) = (tmp_path / "work" / "features").glob("*.pt")
+    saved = torch.load(features_file, weights_only=False)
+    assert len(saved["images"]) == 16 and saved["tta"] is True
+    image = saved["images"]["Normal/n000"]
+    assert image["features"].shape == (12, 1280) and image["probs"].shape == (12, 4)
+    assert torch.allclose(image["probs"].sum(1), torch.ones(12), atol=1e-5)
+    assert image["positions"][-1].tolist() == [2, 3]
+    assert {i["split"] for i in saved["images"].values()} == {"train", "val", "test"}
+    # A rerun reuses every artifact and returns the same numbers.
+    mtime = features_file.stat().st_mtime_ns
+    assert run_stages(cfg) == metrics and features_file.stat().st_mtime_ns == mtime
+
+
+def test_features_without_a_patch_model_says_what_to_run(demo: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "stages=[prepare,features]")
+    with pytest.raises(FileNotFoundError, match="run the patch stage first"):
+        run_stages(cfg)
+
+
+def test_learning_rate_changes_the_model_dir_not_the_cache(demo: Path, tmp_path: Path) -> None:
+    base = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "stages=[prepare]")
+    run_stages(base)
+    from hydra.utils import instantiate
+
+    dm = instantiate(base.data, mode="patch")
+    dm.setup()
+    other = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "patch_model.optimizer.lr=0.5")
+    assert patch.artifact_dir(base, dm) != patch.artifact_dir(other, dm)
+    fold = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "data.folds=2", "data.fold=1")
+    fold_dm = instantiate(fold.data, mode="patch")
+    fold_dm.prepare_data()
+    assert fold_dm.cache.root == dm.cache.root  # folds share the cache
+    assert patch.artifact_dir(fold, fold_dm) != patch.artifact_dir(base, dm)
+
+
+class _StopAfterFirstEpoch(EpochSeed):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
+        super().on_train_epoch_start(trainer, pl_module)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [*SMALL, f"data.data_dir={demo}", "stages=[prepare,patch]"]
+    straight = make_cfg(tmp_path / "a", *args)
+    run_stages(straight)
+    (a_dir,) = (tmp_path / "a" / "work" / "patch").iterdir()
+
+    resumed = make_cfg(tmp_path / "b", *args)
+    monkeypatch.setattr(patch, "EpochSeed", _StopAfterFirstEpoch)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl-C
+        run_stages(resumed)
+    (b_dir,) = (tmp_path / "b" / "work" / "patch").iterdir()
+    assert (b_dir / "last.ckpt").is_file() and not (b_dir / "DONE").exists()
+    monkeypatch.undo()
+    run_stages(resumed)
+
+    a = torch.load(a_dir / "last.ckpt", weights_only=False)
+    b = torch.load(b_dir / "last.ckpt", weights_only=False)
+    assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
