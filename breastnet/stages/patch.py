@@ -74,11 +74,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ckpt_path=resume if resume.is_file() else None,
         weights_only=False,
     )
+    # ddp_spawn brings back the best checkpoint's path but not its score.
+    best = checkpoint.best_model_score
+    best = trainer.callback_metrics["val/acc_best"] if best is None else best
     tested = trainer.test(
         model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, weights_only=False
     )
     metrics = {
-        "patch/val_acc_best": float(checkpoint.best_model_score),
+        "patch/val_acc_best": float(best),
         "patch/test_acc": float(tested[0]["test/acc"]),
     }
     if trainer.is_global_zero:

@@ -1,0 +1,69 @@
+"""Multi-process training on the CPU (gloo): `ddp` single runs and `ddp_spawn` in multiruns."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from breastnet.data.synthetic import write_synthetic_dataset
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "experiment=demo",
+    "data.tile_size=64",
+    "data.stride=64",
+    "data.patch_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.split=[0.5,0.25,0.25]",
+    "patch_model=mobilenet_v2",
+    "patch_model.net.weights=none",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.max_epochs=1",
+    "logger=csv",
+]
+
+
+def breastnet(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    data = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=7)
+    cmd = [
+        sys.executable,
+        "-m",
+        "breastnet",
+        *args,
+        *TINY,
+        f"data.data_dir={data}",
+        f"paths.work_dir={tmp_path / 'work'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def test_ddp_single_run_two_processes(tmp_path: Path) -> None:
+    out = breastnet(tmp_path, "stages=[prepare,patch,features]", "trainer.strategy=ddp")
+    (patch_dir,) = (tmp_path / "work" / "patch").iterdir()
+    assert (patch_dir / "DONE").is_file() and (patch_dir / "best.ckpt").is_file()
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout + out.stderr
+    assert len(list((tmp_path / "work" / "features").glob("*.pt"))) == 1
+
+
+def test_ddp_in_a_multirun_uses_spawn(tmp_path: Path) -> None:
+    out = breastnet(
+        tmp_path,
+        "--multirun",
+        "stages=[prepare,patch]",
+        "trainer.strategy=ddp",
+        "patch_model.optimizer.lr=0.01,0.02",
+    )
+    assert "using ddp_spawn instead" in out.stdout + out.stderr
+    dirs = list((tmp_path / "work" / "patch").iterdir())
+    assert len(dirs) == 2 and all((d / "DONE").is_file() for d in dirs)
