@@ -6,9 +6,11 @@
    autocast and ``torch.compile`` when CUDA is available.
 2. The training DataLoader of ``BreastDataModule`` (paper augmentation: H&E jitter
    U(0.7, 1.3) with the reference stains, rot90, flip) over the bach-dev patch cache, with
-   ``num_workers=0`` (one process: the per-worker rate) and ``num_workers=2`` (the total), and
+   ``num_workers=0`` (one process doing the loading) and ``num_workers=2`` (the total), and
    its parts on their own (mmap patch read, bare ``HEJitter``, the whole transform,
-   ``__getitem__``), so a reader sees where the time goes.
+   ``__getitem__``, ``default_collate``), so a reader sees where the time goes. The per-worker
+   rate is ``num_workers=0`` with 1 torch thread, as torch sets inside every DataLoader worker;
+   the rate with the default threads (what ``num_workers=0`` training gets) is printed too.
 
     .venv/bin/python experiments/bench_train_step.py [--data DIR] [--work-dir DIR]
 
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import default_collate
 
 from breastnet.data.datamodule import BreastDataModule, PatchDataset, _to_tensor
 from breastnet.data.transforms import HEJitter
@@ -207,6 +210,23 @@ def loader_rate(dm: BreastDataModule, workers: int, limit: int) -> tuple[float, 
     return rest / (end - after_first), (first + rest) / (end - start)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, as a DataLoader worker does (it sets 1)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def collate_rate(dataset: PatchDataset, batch_size: int, repeats: int = 3) -> float:
+    """Samples/s of ``default_collate`` on one batch of ready samples (the DataLoader's stack)."""
+    samples = [dataset[i] for i in range(batch_size)]
+    return batch_size * rate(lambda i: default_collate(samples), repeats)
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -240,17 +260,26 @@ def main() -> None:
         f"(cache {dm.cache.root}); train: {len(dataset)} patches"
     )
     for name, value in part_rates(dataset, args.part_samples).items():
-        print(f"{name:48s} {value:8.0f} /s")
-    per_worker, per_worker_all = loader_rate(dm, 0, args.loader_batches)
+        print(f"{name:56s} {value:8.0f} /s")
+    threads = torch.get_num_threads()
+    for n in sorted({threads, 1}, reverse=True):
+        with torch_threads(n):
+            value = collate_rate(dataset, dm.hparams.batch_size)
+        print(f"{f'default_collate, batch 64, {n} torch thread(s)':56s} {value:8.0f} /s")
+    main_process, main_process_all = loader_rate(dm, 0, args.loader_batches)
+    with torch_threads(1):
+        per_worker, per_worker_all = loader_rate(dm, 0, args.loader_batches)
     total, total_all = loader_rate(dm, 2, args.loader_batches)
-    print(
-        f"{'DataLoader num_workers=0 (per worker)':48s} {per_worker:8.0f} patches/s "
-        f"(incl. first batch: {per_worker_all:.0f})"
+    rows = (
+        (f"num_workers=0, {threads} torch threads (main process)", main_process, main_process_all),
+        ("num_workers=0, 1 torch thread (= one worker)", per_worker, per_worker_all),
+        ("num_workers=2 (total)", total, total_all),
     )
-    print(
-        f"{'DataLoader num_workers=2 (total)':48s} {total:8.0f} patches/s "
-        f"(incl. worker start-up: {total_all:.0f})"
-    )
+    for name, steady, overall in rows:
+        print(
+            f"{'DataLoader ' + name:56s} {steady:8.0f} patches/s "
+            f"(incl. first batch / worker start-up: {overall:.0f})"
+        )
     print(f"load average (1 min) at end: {load_average()}")
     print(f"train_step_speedup_tuned_vs_eager: {speedup:.2f}")
     print(f"loader_patches_per_s_per_worker: {per_worker:.0f}")

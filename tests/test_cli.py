@@ -58,6 +58,7 @@ def test_prepare_stage_on_generated_data(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=1)
     cfg = make_cfg(
         tmp_path,
+        "stages=[prepare]",
         "experiment=demo",
         f"data.data_dir={data}",
         "data.tile_size=64",
@@ -110,4 +111,6 @@ def test_bad_data_fails_with_the_file_named(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "demo", 3, 256, 192, seed=3)
     (data / "InSitu" / "is001.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(Exception, match=r"is001\.png: cannot read image"):
-        run_stages(make_cfg(tmp_path, "experiment=demo", f"data.data_dir={data}"))
+        run_stages(
+            make_cfg(tmp_path, "experiment=demo", f"data.data_dir={data}", "stages=[prepare]")
+        )
