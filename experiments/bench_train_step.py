@@ -14,13 +14,22 @@
 
     .venv/bin/python experiments/bench_train_step.py [--data DIR] [--work-dir DIR]
 
+OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the environment says
+otherwise: on a shared, busy machine spinning threads stall every parallel region (measured
+here: 3-5x slower training steps, 60-160x slower ``default_collate``; RESULTS.md). Run with
+``OMP_WAIT_POLICY=ACTIVE`` for libgomp's default.
+
 The last two lines are ``train_step_speedup_tuned_vs_eager: <ratio>`` and
 ``loader_patches_per_s_per_worker: <n>``.
 """
 
+# ruff: noqa: E402
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when libgomp loads with torch
+
 import argparse
 import contextlib
-import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -60,14 +69,15 @@ def parse_args(cuda: bool) -> argparse.Namespace:
 
 
 def machine(device: torch.device) -> str:
-    """CPU model, cores, torch version, device and current load, on one line."""
+    """CPU model, cores, torch version and threads, OpenMP wait policy and device."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     cpu = models[0] if models else platform.processor()
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    policy = os.environ["OMP_WAIT_POLICY"]
     return (
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads, device {device}{gpu}"
+        f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={policy}, device {device}{gpu}"
     )
 
 

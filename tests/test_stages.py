@@ -8,7 +8,7 @@ from test_cli import make_cfg
 
 from breastnet.cli import run_stages
 from breastnet.data.synthetic import write_synthetic_dataset
-from breastnet.stages import patch
+from breastnet.stages import common, patch
 from breastnet.stages.common import EpochSeed
 
 SMALL = [
@@ -95,7 +95,7 @@ def test_interrupted_training_resumes_to_the_same_weights(
     (a_dir,) = (tmp_path / "a" / "work" / "patch").iterdir()
 
     resumed = make_cfg(tmp_path / "b", *args)
-    monkeypatch.setattr(patch, "EpochSeed", _StopAfterFirstEpoch)
+    monkeypatch.setattr(common, "EpochSeed", _StopAfterFirstEpoch)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl-C
         run_stages(resumed)
     (b_dir,) = (tmp_path / "b" / "work" / "patch").iterdir()

@@ -4,7 +4,8 @@
 ``work_dir`` and reused); ``setup`` only reads what it wrote, on every rank.
 
 Modes: ``patch`` yields single patches with their image's label; ``image`` yields all patches
-of an image in grid order, padded to the longest image of the batch with a mask.
+of an image in grid order, padded to the longest image of the batch with a mask;
+``features`` yields an image's cached CNN feature sequence (from the features stage).
 """
 
 import hashlib
@@ -30,7 +31,7 @@ from breastnet.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
 
-MODES = ("patch", "image")
+MODES = ("patch", "image", "features")
 REFERENCE_DOWNSAMPLE = 4  # picking the reference needs stain matrices, not full resolution
 
 
@@ -100,21 +101,46 @@ class ImageDataset(Dataset):
 
 
 def pad_collate(samples: list[dict]) -> dict:
-    """Batch variable-length patch sequences: pad with zeros, ``mask`` marks real patches."""
+    """Batch variable-length sequences: pad every per-patch tensor, ``mask`` marks real patches.
+
+    Patch tensors (``x``, ``probs``) are padded with zeros, positions with -1.
+    """
     longest = max(len(s["x"]) for s in samples)
-    x = torch.zeros((len(samples), longest, *samples[0]["x"].shape[1:]), dtype=torch.uint8)
-    pos = torch.full((len(samples), longest, 2), -1, dtype=torch.long)
-    mask = torch.zeros((len(samples), longest), dtype=torch.bool)
+    batch: dict[str, Any] = {"mask": torch.zeros((len(samples), longest), dtype=torch.bool)}
+    for key in (k for k in ("x", "pos", "probs") if k in samples[0]):
+        first = samples[0][key]
+        batch[key] = torch.full(
+            (len(samples), longest, *first.shape[1:]), -1 if key == "pos" else 0, dtype=first.dtype
+        )
     for b, s in enumerate(samples):
         n = len(s["x"])
-        x[b, :n], pos[b, :n], mask[b, :n] = s["x"], s["pos"], True
-    return {
-        "x": x,
-        "pos": pos,
-        "mask": mask,
-        "y": torch.tensor([s["y"] for s in samples]),
-        "image_id": [s["image_id"] for s in samples],
-    }
+        batch["mask"][b, :n] = True
+        for key in ("x", "pos", "probs"):
+            if key in batch:
+                batch[key][b, :n] = s[key]
+    batch["y"] = torch.tensor([s["y"] for s in samples])
+    batch["image_id"] = [s["image_id"] for s in samples]
+    return batch
+
+
+class FeatureDataset(Dataset):
+    """One sample per image: its cached CNN feature sequence and patch probabilities."""
+
+    def __init__(self, images: Mapping[str, dict], image_ids: Sequence[str]) -> None:
+        self.images, self.image_ids = images, list(image_ids)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.images[self.image_ids[i]]
+        return {
+            "x": image["features"],  # N x D
+            "probs": image["probs"],  # N x C
+            "pos": image["positions"],  # N x 2
+            "y": image["label"],
+            "image_id": self.image_ids[i],
+        }
 
 
 def seed_worker(worker_id: int) -> None:
@@ -146,7 +172,8 @@ class EpochShuffle(Sampler[int]):
             return
         self.epoch = epoch
         self.generator.manual_seed(self.seed + epoch)
-        self.dataset.transform.set_random_seed(self.seed + epoch)
+        if (transform := getattr(self.dataset, "transform", None)) is not None:
+            transform.set_random_seed(self.seed + epoch)
 
     def __iter__(self) -> Iterator[int]:
         order = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -181,6 +208,7 @@ class BreastDataModule(pl.LightningDataModule):
         prepare_workers: int = 2,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        features_path: str | None = None,
     ) -> None:
         """See ``conf/data/bach.yaml`` for what each setting means."""
         super().__init__()
@@ -198,6 +226,7 @@ class BreastDataModule(pl.LightningDataModule):
         self.records: dict[str, dict] = {}
         self.reference: StainReference | None = None
         self.cache: PatchCache | None = None
+        self.features: dict | None = None
 
     @property
     def index_path(self) -> Path:
@@ -246,8 +275,24 @@ class BreastDataModule(pl.LightningDataModule):
                 self.datasets[side] = PatchDataset(
                     self.cache, records, labels, transform, self.hparams.min_tissue
                 )
-            else:
+            elif self.hparams.mode == "image":
                 self.datasets[side] = ImageDataset(self.cache, records, labels, transform)
+            else:
+                self.datasets[side] = FeatureDataset(self._features(), self.split[side])
+
+    def _features(self) -> dict[str, dict]:
+        """The features stage's output (``features_path``), loaded once."""
+        if self.features is None:
+            path = self.hparams.features_path
+            if path is None or not Path(path).is_file():
+                raise FileNotFoundError(f"features {path} not found: run the features stage first")
+            self.features = torch.load(path, weights_only=False)
+        return self.features["images"]
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the cached feature vectors (2048 for Inception-V3)."""
+        return next(iter(self._features().values()))["features"].shape[1]
 
     def _locate(self, entries: list[IndexEntry], build: bool) -> None:
         """Find (``build``: make) the split, stain reference and cache for these entries."""
@@ -376,7 +421,7 @@ class BreastDataModule(pl.LightningDataModule):
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
             worker_init_fn=seed_worker if workers > 0 else None,
-            collate_fn=pad_collate if self.hparams.mode == "image" else None,
+            collate_fn=None if self.hparams.mode == "patch" else pad_collate,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from breastnet.artifacts import write_json, write_text
 
@@ -58,13 +59,12 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback]) -> pl.Trainer:
-    """The configured Trainer with its logger.
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
+    """The configured Trainer with its logger; ``overrides`` replace trainer settings.
 
     Lightning's ``ddp`` re-launches the command line for ranks > 0, which cannot work inside
     a Hydra multirun (each job would start the sweep again): there ``ddp_spawn`` is used.
     """
-    overrides: dict[str, Any] = {}
     if _in_multirun() and cfg.trainer.get("strategy") == "ddp":
         log.warning("trainer.strategy=ddp inside a Hydra multirun: using ddp_spawn instead")
         overrides["strategy"] = "ddp_spawn"
@@ -84,3 +84,54 @@ def finished_metrics(out_dir: Path) -> dict[str, float] | None:
     if not (out_dir / "DONE").is_file():
         return None
     return json.loads((out_dir / "metrics.json").read_text())
+
+
+def train_and_test(
+    cfg: DictConfig,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    out_dir: Path,
+    prefix: str,
+    early_stopping_patience: int | None = None,
+    **trainer_overrides: Any,
+) -> dict[str, float]:
+    """Fit with ``best``/``last`` checkpoints in ``out_dir`` (resuming from ``last``), test the
+    best, and mark the stage done; returns ``<prefix>/val_acc_best`` and ``<prefix>/test_acc``.
+    """
+    # `save_last=True` writes last.ckpt only when `best` improves: a second callback keeps
+    # last.ckpt at every epoch end, which resuming needs.
+    best = ModelCheckpoint(
+        dirpath=out_dir,
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        enable_version_counter=False,
+    )
+    latest = ModelCheckpoint(dirpath=out_dir, filename="last", enable_version_counter=False)
+    callbacks = [best, latest, EpochSeed(cfg.seed)]
+    if early_stopping_patience:
+        callbacks.append(EarlyStopping("val/acc", patience=early_stopping_patience, mode="max"))
+    trainer = build_trainer(cfg, callbacks, **trainer_overrides)
+    resume = out_dir / "last.ckpt"
+    if resume.is_file():
+        log.info("resuming from %s", resume)
+    # Our own checkpoints hold the optimizer partials in their hyperparameters: trusted pickles.
+    trainer.fit(
+        model,
+        datamodule=datamodule,
+        ckpt_path=resume if resume.is_file() else None,
+        weights_only=False,
+    )
+    # ddp_spawn brings back the best checkpoint's path but not its score.
+    score = best.best_model_score
+    score = trainer.callback_metrics["val/acc_best"] if score is None else score
+    tested = trainer.test(
+        model, datamodule=datamodule, ckpt_path=best.best_model_path or None, weights_only=False
+    )
+    metrics = {
+        f"{prefix}/val_acc_best": float(score),
+        f"{prefix}/test_acc": float(tested[0]["test/acc"]),
+    }
+    if trainer.is_global_zero:
+        finish_stage(out_dir, cfg, metrics)
+    return metrics

@@ -1,0 +1,154 @@
+"""The image-level LightningModule: an aggregator over each image's patch sequence.
+
+By default it trains on the features stage's cached ``[N, D]`` sequences (seconds per epoch);
+given a backbone it runs the patch CNN too and trains both as one (the CNN+BiLSTM end to end).
+Metrics, logging and the optimizer/scheduler handling are ``PatchClassifier``'s.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
+
+from breastnet import CLASSES
+from breastnet.models.aggregators import Vote
+from breastnet.models.backbone import Backbone
+from breastnet.models.patch_classifier import PatchClassifier
+
+
+def scatter_patches(values: Tensor, mask: Tensor) -> Tensor:
+    """Values of the real patches, P x K, back into a zero-padded B x N x K batch."""
+    out = values.new_zeros((*mask.shape, values.shape[-1]))  # B x N x K
+    out[mask] = values
+    return out
+
+
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy training of an aggregator (``breastnet.models.aggregators``) on images.
+
+    Batches are dicts with ``mask`` (B x N bool, True on real patches), ``pos`` (B x N x 2),
+    ``y`` (B) and ``image_id``. On cached features ``x`` is float B x N x D and ``probs``
+    B x N x C; end to end (``backbone`` given) ``x`` is uint8 B x N x 3 x S x S and the backbone
+    makes the features and probs. An aggregator with nothing to train (``mean``, ``vote``) on
+    cached features still runs through ``Trainer.fit``: it only computes metrics.
+
+    Args:
+        aggregator: the image model proper (``build_aggregator``).
+        optimizer: partial optimizer, completed with the trainable parameters; only needed
+            when there is something to train.
+        scheduler: partial LR scheduler, as in ``PatchClassifier``; stepped per epoch.
+        label_smoothing: cross-entropy label smoothing.
+        backbone: the patch CNN, trained end to end with the aggregator. Its head only makes the
+            probs that the parameter-free aggregators read, so under a learned aggregator it is
+            frozen (it would get no gradient, which DDP rejects).
+        chunk_size: patches per backbone forward call, which bounds its transient memory.
+    """
+
+    def __init__(
+        self,
+        aggregator: nn.Module,
+        optimizer: Callable[..., Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
+        backbone: Backbone | None = None,
+        chunk_size: int = 64,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["aggregator", "backbone"])
+        self.aggregator = aggregator
+        self.backbone = backbone
+        n = aggregator.num_classes
+        if backbone is not None:
+            if isinstance(aggregator, Vote):
+                raise ValueError("a vote has no gradient: it cannot train a backbone end to end")
+            if backbone.num_classes != n:
+                raise ValueError(f"backbone has {backbone.num_classes} classes, aggregator {n}")
+            backbone.drop_aux()
+            if aggregator.trainable:
+                for layer in backbone.spec.head_layers:
+                    backbone.model.get_submodule(layer).requires_grad_(False)
+        self.trainable = aggregator.trainable or backbone is not None
+        if self.trainable and optimizer is None:
+            raise ValueError("an optimizer is needed: this model has parameters to train")
+        # Nothing to train: no optimizer, and no backward pass for Lightning to call.
+        self.automatic_optimization = self.trainable
+        self.class_names = list(CLASSES) if n == len(CLASSES) else [str(i) for i in range(n)]
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+        # Micro accuracy (fraction of images right), as PatchClassifier.
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_recall = MulticlassRecall(num_classes=n, average=None)
+        self.test_recall = MulticlassRecall(num_classes=n, average=None)
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.val_acc_best = MaxMetric()
+
+    def forward(
+        self, x: Tensor, mask: Tensor, pos: Tensor, probs: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The aggregator's output (``logits``, maybe ``attention``) for features or images."""
+        if self.backbone is not None:
+            x, probs = self.embed(x, mask)
+        return self.aggregator(x, mask, pos, probs)
+
+    def embed(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone features (B x N x D) and probs (B x N x C) of uint8 B x N x 3 x S x S.
+
+        Only real patches go through the backbone (padding costs nothing and stays out of its
+        BatchNorm statistics), ``chunk_size`` at a time.
+        """
+        patches = x[mask]  # P x 3 x S x S, the P real patches in batch order
+        features = torch.cat(
+            [
+                self.backbone.forward_features(self.backbone.normalize(chunk))  # chunk x D
+                for chunk in patches.split(self.hparams.chunk_size)
+            ]
+        )  # P x D
+        probs = self.backbone.forward_head(features).softmax(dim=1)  # P x C
+        return scatter_patches(features, mask), scatter_patches(probs, mask)
+
+    def model_step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss, logits and targets of a batch."""
+        out = self(batch["x"], batch["mask"], batch["pos"], batch.get("probs"))
+        return self.criterion(out["logits"], batch["y"]), out["logits"], batch["y"]
+
+    # Validation and test metrics are logged exactly as for patches (see PatchClassifier).
+    on_train_start = PatchClassifier.on_train_start
+    validation_step = PatchClassifier.validation_step
+    on_validation_epoch_end = PatchClassifier.on_validation_epoch_end
+    test_step = PatchClassifier.test_step
+    on_test_epoch_end = PatchClassifier.on_test_epoch_end
+    _log_recall = PatchClassifier._log_recall
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        """One optimisation step; with nothing to train, only the training metrics."""
+        loss, logits, y = self.model_step(batch)
+        self.train_loss(loss)
+        self.train_acc(logits, y)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss if self.trainable else None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Class probabilities (B x C) and attention (B x N, or None) of a batch of images."""
+        out = self(batch["x"], batch["mask"], batch["pos"], batch.get("probs"))
+        return {
+            "probs": out["logits"].softmax(dim=1),
+            "attention": out.get("attention"),
+            "image_id": batch["image_id"],
+            "y": batch.get("y"),
+        }
+
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        """``PatchClassifier``'s optimizer and per-epoch scheduler; None with nothing to train."""
+        if not self.trainable:
+            return None
+        return PatchClassifier.configure_optimizers(self)
