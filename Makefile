@@ -9,7 +9,7 @@ DEMO_DATA ?= data/demo
 RUN := $(PY) -m breastnet
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo prepare patch features pipeline bench clean
+.PHONY: help install test test-all lint format demo prepare patch features image pipeline bench clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ patch: install ## fine-tune the patch CNN on the cached patches
 
 features: install ## pooled features + probabilities of every patch (best patch checkpoint)
 	$(RUN) 'stages=[features]' $(DATA_ARG) $(ARGS)
+
+image: install ## image model (BiLSTM by default) on the cached patch features
+	$(RUN) 'stages=[image]' $(DATA_ARG) $(ARGS)
 
 pipeline: install ## every stage in order
 	$(RUN) $(DATA_ARG) $(ARGS)

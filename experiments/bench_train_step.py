@@ -14,10 +14,10 @@
 
     .venv/bin/python experiments/bench_train_step.py [--data DIR] [--work-dir DIR]
 
-OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the environment says
-otherwise: on a shared, busy machine spinning threads stall every parallel region (measured
-here: 3-5x slower training steps, 60-160x slower ``default_collate``; RESULTS.md). Run with
-``OMP_WAIT_POLICY=ACTIVE`` for libgomp's default.
+OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the environment sets the
+policy: on a shared, busy machine spinning threads stall every parallel region (measured here:
+several times slower training steps, 60-160x slower ``default_collate``; RESULTS.md).
+``OMP_WAIT_POLICY=default`` measures libgomp's own default (spin a while, then sleep).
 
 The last two lines are ``train_step_speedup_tuned_vs_eager: <ratio>`` and
 ``loader_patches_per_s_per_worker: <n>``.
@@ -26,7 +26,11 @@ The last two lines are ``train_step_speedup_tuned_vs_eager: <ratio>`` and
 # ruff: noqa: E402
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when libgomp loads with torch
+# Read once, when libgomp loads with torch. "default" drops the variable: libgomp's own default.
+if os.environ.get("OMP_WAIT_POLICY", "").lower() == "default":
+    del os.environ["OMP_WAIT_POLICY"]
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import contextlib
@@ -74,7 +78,7 @@ def machine(device: torch.device) -> str:
     models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     cpu = models[0] if models else platform.processor()
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    policy = os.environ["OMP_WAIT_POLICY"]
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default)")
     return (
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={policy}, device {device}{gpu}"

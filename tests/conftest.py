@@ -1,10 +1,12 @@
 """Shared fixtures: CPU only, real bach-dev images found through one setting."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -55,3 +57,16 @@ def tiny_bach(tmp_path: Path) -> Path:
         for i in range(4):
             write_image(root / name / f"{name[:2].lower()}{i:03d}.png", tissue_like(10 * c + i))
     return root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: OpenMP only adds overhead on tensors this small.
+
+    On a busy 2-core machine its barriers stall: a mobilenet step took 0.1 s on one thread and
+    20 s on two.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,12 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
 from test_cli import make_cfg
 
 from breastnet.cli import run_stages
 from breastnet.data.synthetic import write_synthetic_dataset
 from breastnet.stages import common, patch
 from breastnet.stages.common import EpochSeed
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # steadier on a busy 2-core machine
 
 SMALL = [
     "experiment=demo",
@@ -37,6 +41,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_prepare_patch_features(demo: Path, tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "features.tta=true")
+    with open_dict(cfg):
+        cfg.stages = ["prepare", "patch", "features"]
     metrics = run_stages(cfg)
     assert 0.0 <= metrics["patch/test_acc"] <= 1.0
     assert set(metrics) >= {f"features/patch_acc_{s}" for s in ("train", "val", "test")}
@@ -66,8 +72,6 @@ def test_features_without_a_patch_model_says_what_to_run(demo: Path, tmp_path: P
 def test_learning_rate_changes_the_model_dir_not_the_cache(demo: Path, tmp_path: Path) -> None:
     base = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "stages=[prepare]")
     run_stages(base)
-    from hydra.utils import instantiate
-
     dm = instantiate(base.data, mode="patch")
     dm.setup()
     other = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "patch_model.optimizer.lr=0.5")
@@ -108,3 +112,37 @@ def test_interrupted_training_resumes_to_the_same_weights(
     assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
     for key, value in a["state_dict"].items():
         assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
+
+
+def test_image_stage_with_every_aggregator(demo: Path, tmp_path: Path) -> None:
+    upstream = make_cfg(
+        tmp_path, *SMALL, f"data.data_dir={demo}", "stages=[prepare,patch,features]"
+    )
+    run_stages(upstream)
+    features_file = next((tmp_path / "work" / "features").glob("*.pt"))
+    dm = instantiate(
+        upstream.data, mode="features", features_path=str(features_file), batch_size=3
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (3, 12, 1280) and batch["probs"].shape == (3, 12, 4)
+    assert batch["mask"].all() and dm.feature_dim == 1280
+
+    results = {}
+    for name in ("bilstm", "attention", "mean_features", "mean", "vote"):
+        cfg = make_cfg(
+            tmp_path,
+            *SMALL,
+            f"data.data_dir={demo}",
+            "stages=[image]",
+            f"image_model={name}",
+            "image_model.max_epochs=3",
+        )
+        results[name] = run_stages(cfg)
+        assert 0.0 <= results[name]["image/test_acc"] <= 1.0
+    assert len(list((tmp_path / "work" / "image").iterdir())) == 5
+    # Vote and mean need no training: their accuracy follows from the patch probabilities.
+    saved = torch.load(features_file, weights_only=False)["images"]
+    val = [i for i in saved.values() if i["split"] == "val"]
+    mean_right = sum(int(i["probs"].mean(0).argmax() == i["label"]) for i in val)
+    assert results["mean"]["image/val_acc_best"] == pytest.approx(mean_right / len(val))

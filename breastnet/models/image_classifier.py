@@ -2,23 +2,19 @@
 
 By default it trains on the features stage's cached ``[N, D]`` sequences (seconds per epoch);
 given a backbone it runs the patch CNN too and trains both as one (the CNN+BiLSTM end to end).
-Metrics, logging and the optimizer/scheduler handling are ``PatchClassifier``'s.
+Metrics, logging and the optimizer/scheduler handling are ``ClassifierModule``'s, as for patches.
 """
 
 from collections.abc import Callable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 
-from breastnet import CLASSES
 from breastnet.models.aggregators import Vote
 from breastnet.models.backbone import Backbone
-from breastnet.models.patch_classifier import PatchClassifier
+from breastnet.models.classifier import ClassifierModule
 
 
 def scatter_patches(values: Tensor, mask: Tensor) -> Tensor:
@@ -28,14 +24,16 @@ def scatter_patches(values: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(ClassifierModule):
     """Cross-entropy training of an aggregator (``breastnet.models.aggregators``) on images.
 
     Batches are dicts with ``mask`` (B x N bool, True on real patches), ``pos`` (B x N x 2),
     ``y`` (B) and ``image_id``. On cached features ``x`` is float B x N x D and ``probs``
     B x N x C; end to end (``backbone`` given) ``x`` is uint8 B x N x 3 x S x S and the backbone
     makes the features and probs. An aggregator with nothing to train (``mean``, ``vote``) on
-    cached features still runs through ``Trainer.fit``: it only computes metrics.
+    cached features still runs through ``Trainer.fit``, which then only computes metrics: no
+    optimizer (Lightning steps a mock one) and no loss returned (Lightning skips backward).
+    Automatic optimisation stays on, so trainer settings such as gradient clipping still apply.
 
     Args:
         aggregator: the image model proper (``build_aggregator``).
@@ -46,7 +44,8 @@ class ImageClassifier(pl.LightningModule):
         backbone: the patch CNN, trained end to end with the aggregator. Its head only makes the
             probs that the parameter-free aggregators read, so under a learned aggregator it is
             frozen (it would get no gradient, which DDP rejects).
-        chunk_size: patches per backbone forward call, which bounds its transient memory.
+        chunk_size: patches per backbone forward call, which bounds its transient memory (not
+            the activations autograd keeps for backward). BatchNorm sees batches of this size.
     """
 
     def __init__(
@@ -58,11 +57,11 @@ class ImageClassifier(pl.LightningModule):
         backbone: Backbone | None = None,
         chunk_size: int = 64,
     ):
-        super().__init__()
+        n = aggregator.num_classes
+        super().__init__(n)
         self.save_hyperparameters(logger=False, ignore=["aggregator", "backbone"])
         self.aggregator = aggregator
         self.backbone = backbone
-        n = aggregator.num_classes
         if backbone is not None:
             if isinstance(aggregator, Vote):
                 raise ValueError("a vote has no gradient: it cannot train a backbone end to end")
@@ -75,21 +74,7 @@ class ImageClassifier(pl.LightningModule):
         self.trainable = aggregator.trainable or backbone is not None
         if self.trainable and optimizer is None:
             raise ValueError("an optimizer is needed: this model has parameters to train")
-        # Nothing to train: no optimizer, and no backward pass for Lightning to call.
-        self.automatic_optimization = self.trainable
-        self.class_names = list(CLASSES) if n == len(CLASSES) else [str(i) for i in range(n)]
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-        # Micro accuracy (fraction of images right), as PatchClassifier.
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_recall = MulticlassRecall(num_classes=n, average=None)
-        self.test_recall = MulticlassRecall(num_classes=n, average=None)
-        self.train_loss = MeanMetric()
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
-        self.val_acc_best = MaxMetric()
 
     def forward(
         self, x: Tensor, mask: Tensor, pos: Tensor, probs: Tensor | None = None
@@ -120,21 +105,9 @@ class ImageClassifier(pl.LightningModule):
         out = self(batch["x"], batch["mask"], batch["pos"], batch.get("probs"))
         return self.criterion(out["logits"], batch["y"]), out["logits"], batch["y"]
 
-    # Validation and test metrics are logged exactly as for patches (see PatchClassifier).
-    on_train_start = PatchClassifier.on_train_start
-    validation_step = PatchClassifier.validation_step
-    on_validation_epoch_end = PatchClassifier.on_validation_epoch_end
-    test_step = PatchClassifier.test_step
-    on_test_epoch_end = PatchClassifier.on_test_epoch_end
-    _log_recall = PatchClassifier._log_recall
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """One optimisation step; with nothing to train, only the training metrics."""
-        loss, logits, y = self.model_step(batch)
-        self.train_loss(loss)
-        self.train_acc(logits, y)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        loss = super().training_step(batch, batch_idx)
         return loss if self.trainable else None
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -148,7 +121,7 @@ class ImageClassifier(pl.LightningModule):
         }
 
     def configure_optimizers(self) -> dict[str, Any] | None:
-        """``PatchClassifier``'s optimizer and per-epoch scheduler; None with nothing to train."""
+        """The shared optimizer and per-epoch scheduler; None with nothing to train."""
         if not self.trainable:
             return None
-        return PatchClassifier.configure_optimizers(self)
+        return super().configure_optimizers()

@@ -1,18 +1,21 @@
-"""Stage ``image``: the image-level model (BiLSTM by default) over each image's patch features.
+"""Stage ``image``: the image-level model (BiLSTM by default) over each image's patch sequence.
 
-Trained on the features stage's cached sequences, so it takes seconds, not hours; writes
-``work_dir/image/<hash>/{best,last}.ckpt``, keyed by the features file and the model config.
+By default it trains on the features stage's cached sequences, in seconds. With
+``image_model.end_to_end=true`` the patch CNN (from the patch stage's best checkpoint) and the
+aggregator are fine-tuned together on whole images: the CNN+BiLSTM trained as one.
+Writes ``work_dir/image/<hash>/{best,last}.ckpt``.
 """
 
 import logging
-from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import LightningModule
 
 from breastnet.artifacts import config_hash
 from breastnet.data.datamodule import BreastDataModule
-from breastnet.stages import features
+from breastnet.models.backbone import Backbone
+from breastnet.stages import features, patch
 from breastnet.stages.common import container, finished_metrics, train_and_test
 
 log = logging.getLogger(__name__)
@@ -21,51 +24,45 @@ log = logging.getLogger(__name__)
 STAGE_KEYS = ("max_epochs", "batch_size", "end_to_end")
 
 
-def features_file(cfg: DictConfig) -> Path:
-    """The features stage's output for this config (it must exist)."""
-    patch_data: BreastDataModule = instantiate(cfg.data, mode="patch")
-    patch_data.setup()
-    path = features.artifact_path(cfg, patch_data)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the features stage first")
-    return path
-
-
-def artifact_dir(cfg: DictConfig, features_path: Path) -> Path:
-    """``work_dir/image/<hash>``: one directory per features file, model config and seed."""
-    key = config_hash(
-        {
-            "features": features_path.stem,
-            "image_model": container(cfg.image_model),
-            "seed": cfg.seed,
-        }
-    )
-    return features_path.parent.parent / "image" / key
-
-
-def build_model(cfg: DictConfig, feature_dim: int):
+def build_model(
+    cfg: DictConfig, feature_dim: int, backbone: Backbone | None = None
+) -> LightningModule:
     """The ImageClassifier of ``cfg.image_model`` for features of width ``feature_dim``."""
     settings = {k: v for k, v in container(cfg.image_model).items() if k not in STAGE_KEYS}
     settings["aggregator"]["feature_dim"] = feature_dim
-    return instantiate(OmegaConf.create(settings))
+    return instantiate(OmegaConf.create(settings), backbone=backbone)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (or reuse) the image model on cached features; returns val/test image accuracy."""
-    path = features_file(cfg)
-    out = artifact_dir(cfg, path)
+    """Train (or reuse) the image model; returns val/test image accuracy."""
+    settings = cfg.image_model
+    patch_data: BreastDataModule = instantiate(cfg.data, mode="patch")
+    patch_data.setup()
+    if settings.end_to_end:
+        upstream = patch.artifact_dir(cfg, patch_data).name
+    else:
+        features_path = features.artifact_path(cfg, patch_data)
+        if not features_path.is_file():
+            raise FileNotFoundError(f"{features_path} not found: run the features stage first")
+        upstream = features_path.stem
+    key = config_hash({"upstream": upstream, "image_model": container(settings), "seed": cfg.seed})
+    out = patch_data.work_dir / "image" / key
     if (done := finished_metrics(out)) is not None:
         log.info("image model already trained: %s", out)
         return done
-    datamodule: BreastDataModule = instantiate(
-        cfg.data,
-        mode="features",
-        features_path=str(path),
-        batch_size=cfg.image_model.batch_size,
-        num_workers=0,  # the sequences are in memory already
-    )
-    datamodule.setup()
-    model = build_model(cfg, datamodule.feature_dim)
-    return train_and_test(
-        cfg, model, datamodule, out, "image", max_epochs=cfg.image_model.max_epochs
-    )
+
+    if settings.end_to_end:
+        backbone = features.load_patch_model(cfg, patch_data).net
+        datamodule = instantiate(cfg.data, mode="image", batch_size=settings.batch_size)
+        model = build_model(cfg, backbone.feature_dim, backbone)
+    else:
+        datamodule = instantiate(
+            cfg.data,
+            mode="features",
+            features_path=str(features_path),
+            batch_size=settings.batch_size,
+            num_workers=0,  # the sequences are in memory already
+        )
+        datamodule.setup()
+        model = build_model(cfg, datamodule.feature_dim)
+    return train_and_test(cfg, model, datamodule, out, "image", max_epochs=settings.max_epochs)
