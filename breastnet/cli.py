@@ -6,7 +6,10 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+from breastnet.artifacts import write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Entry point; returns ``cfg.optimized_metric`` for Hydra sweepers."""
+    """Entry point: metrics go to the run dir's metrics.json and, as
+    ``cfg.optimized_metric``, to Hydra sweepers."""
     metrics = run_stages(cfg)
+    write_json(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None

@@ -10,6 +10,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# A quiet CPU Trainer for unit tests of the LightningModules.
+CPU_TRAINER = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
 BACH_DEV = Path(os.environ.get("BREASTNET_BACH_DEV", ROOT.parent / "shared" / "data" / "bach-dev"))
 
 

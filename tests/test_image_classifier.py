@@ -3,7 +3,6 @@
 import copy
 import inspect
 from functools import partial
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -19,19 +18,14 @@ from breastnet.models.aggregators import AGGREGATORS, build_aggregator
 from breastnet.models.backbone import build_backbone
 from breastnet.models.classifier import warmup_cosine
 from breastnet.models.image_classifier import ImageClassifier
+from breastnet.stages.image import STAGE_KEYS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from conftest import CONF, CPU_TRAINER
+
 D, C = 8, 4
 ADAM = partial(torch.optim.Adam, lr=1e-2)
 SMALL = {"hidden_size": 16, "num_layers": 2}
-STAGE_KEYS = {"end_to_end", "max_epochs", "batch_size"}
-TRAINER = {
-    "accelerator": "cpu",
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
+TRAINER = CPU_TRAINER
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -158,7 +152,7 @@ def test_image_model_configs_instantiate(name: str) -> None:
         cfg = compose(name)
     # What the stage pops before instantiating: everything else is an ImageClassifier argument.
     arguments = set(inspect.signature(ImageClassifier).parameters) | {"_target_"}
-    assert set(cfg) - arguments == STAGE_KEYS and cfg.end_to_end is False
+    assert set(cfg) - arguments == set(STAGE_KEYS) and cfg.end_to_end is False
     model_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in STAGE_KEYS])
     with pytest.raises(MissingMandatoryValue):
         instantiate(model_cfg)

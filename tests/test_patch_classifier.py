@@ -17,15 +17,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from breastnet.models.backbone import build_backbone
 from breastnet.models.patch_classifier import PatchClassifier, warmup_cosine
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from conftest import CONF, CPU_TRAINER
+
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4)
-TRAINER = {
-    "accelerator": "cpu",
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
+TRAINER = CPU_TRAINER
 
 
 def make_model(name: str = "mobilenet_v2", **kwargs: object) -> PatchClassifier:
