@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-METRICS = ("image/test_acc", "features/patch_acc_test")
+METRICS = ("image/test_acc", "image/val_acc_best", "features/patch_acc_test")
 
 
 def main() -> None:
@@ -31,7 +31,9 @@ def main() -> None:
         cells = []
         for metric in METRICS:
             values = np.array([r[metric] for r in runs if metric in r])
-            cells.append(f"{100 * values.mean():.1f} ± {100 * values.std():.1f}")
+            cells.append(
+                f"{100 * values.mean():.1f} ± {100 * values.std():.1f}" if len(values) else "—"
+            )
         print(f"| {name} | {len(runs)} | {' | '.join(cells)} |")
 
 
