@@ -146,3 +146,23 @@ def test_image_stage_with_every_aggregator(demo: Path, tmp_path: Path) -> None:
     val = [i for i in saved.values() if i["split"] == "val"]
     mean_right = sum(int(i["probs"].mean(0).argmax() == i["label"]) for i in val)
     assert results["mean"]["image/val_acc_best"] == pytest.approx(mean_right / len(val))
+
+
+def test_image_stage_end_to_end(demo: Path, tmp_path: Path) -> None:
+    """The CNN+BiLSTM fine-tuned as one, from the patch stage's best checkpoint."""
+    args = [*SMALL, f"data.data_dir={demo}", "data.num_workers=0"]
+    run_stages(make_cfg(tmp_path, *args, "stages=[prepare,patch]"))
+    cfg = make_cfg(
+        tmp_path,
+        *args,
+        "stages=[image]",
+        "image_model.end_to_end=true",
+        "image_model.max_epochs=1",
+        "image_model.batch_size=4",
+        "image_model.aggregator.hidden_size=16",
+    )
+    metrics = run_stages(cfg)
+    assert 0.0 <= metrics["image/test_acc"] <= 1.0
+    (image_dir,) = (tmp_path / "work" / "image").iterdir()
+    state = torch.load(image_dir / "best.ckpt", weights_only=False)["state_dict"]
+    assert any(k.startswith("backbone.") for k in state) and any("lstm" in k for k in state)
