@@ -266,6 +266,10 @@ class BreastDataModule(pl.LightningDataModule):
                     f"{world} devices"
                 )
             self.batch_size_per_device = self.hparams.batch_size // world
+        if self.hparams.mode == "features":  # cached CNN outputs: no patches, no augmentation
+            for side in SIDES:
+                self.datasets[side] = FeatureDataset(self._features(), self.split[side])
+            return
         labels = {e.image_id: e.label_index for e in self.entries}
         augment = self._augment_kwargs()
         for side in SIDES:
@@ -275,10 +279,8 @@ class BreastDataModule(pl.LightningDataModule):
                 self.datasets[side] = PatchDataset(
                     self.cache, records, labels, transform, self.hparams.min_tissue
                 )
-            elif self.hparams.mode == "image":
-                self.datasets[side] = ImageDataset(self.cache, records, labels, transform)
             else:
-                self.datasets[side] = FeatureDataset(self._features(), self.split[side])
+                self.datasets[side] = ImageDataset(self.cache, records, labels, transform)
 
     def _features(self) -> dict[str, dict]:
         """The features stage's output (``features_path``), loaded once."""
