@@ -4,12 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?=
 ARGS ?=
+INPUT ?=
+FOLDS ?= 5
+SEARCH ?= image_optuna
+SUMMARY_ARGS ?=
+STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+CV_DIR := logs/cv/$(STAMP)
+SWEEP_DIR := logs/sweeps/$(SEARCH)_$(STAMP)
 DATA_ARG := $(if $(DATA),data.data_dir=$(DATA),)
 DEMO_DATA ?= data/demo
 RUN := $(PY) -m breastnet
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo prepare patch features image pipeline bench clean
+.PHONY: help install test test-all lint format demo prepare patch features image evaluate predict pipeline cv sweep bench clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -56,8 +63,24 @@ features: install ## pooled features + probabilities of every patch (best patch 
 image: install ## image model (BiLSTM by default) on the cached patch features
 	$(RUN) 'stages=[image]' $(DATA_ARG) $(ARGS)
 
+evaluate: install ## metrics, plots, predictions.csv, index.html on the test split
+	$(RUN) 'stages=[evaluate]' $(DATA_ARG) $(ARGS)
+
+predict: install ## trained pipeline on INPUT=<image or folder> (same DATA/ARGS as training)
+	$(RUN) 'stages=[predict]' predict.input=$(INPUT) $(DATA_ARG) $(ARGS)
+
 pipeline: install ## every stage in order
 	$(RUN) $(DATA_ARG) $(ARGS)
+
+cv: install ## cross-validation over data.fold (FOLDS=5), then mean ± std over the folds
+	$(RUN) -m data.folds=$(FOLDS) 'data.fold=range($(FOLDS))' hydra.sweep.dir=$(CV_DIR) \
+		run_group=cv-$(STAMP) $(DATA_ARG) $(ARGS); \
+	status=$$?; $(PY) -m breastnet.summary $(CV_DIR) $(SUMMARY_ARGS); exit $$status
+
+sweep: install ## image-model search (SEARCH=image_optuna | image_grid), then its summary
+	$(RUN) -m hparams_search=$(SEARCH) hydra.sweep.dir=$(SWEEP_DIR) run_group=$(SEARCH)-$(STAMP) \
+		$(DATA_ARG) $(ARGS); \
+	status=$$?; $(PY) -m breastnet.summary $(SWEEP_DIR) $(SUMMARY_ARGS); exit $$status
 
 bench: install ## prepare speed vs staintools on bach-dev
 	$(PY) experiments/bench_prepare.py $(ARGS)

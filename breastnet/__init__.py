@@ -1,8 +1,26 @@
 """breastnet: BACH breast-cancer H&E classification, from stain normalisation to image labels."""
 
 import os
+from pathlib import Path
 
-# albumentations otherwise checks PyPI for updates on import; W&B stays offline unless asked.
+from omegaconf import OmegaConf
+
+# albumentations otherwise checks PyPI for updates on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 CLASSES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
+
+
+def wandb_mode() -> str:
+    """W&B's mode for the logger: ``WANDB_MODE`` when set, online once the user has logged in
+    (``wandb login`` or ``WANDB_API_KEY``), else offline (``wandb sync`` uploads later)."""
+    if mode := os.environ.get("WANDB_MODE"):
+        return mode
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = os.environ.get("WANDB_API_KEY") or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    return "online" if logged_in else "offline"
+
+
+OmegaConf.register_new_resolver("wandb_mode", wandb_mode, replace=True)

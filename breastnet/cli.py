@@ -7,8 +7,10 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from breastnet import tracking
 from breastnet.artifacts import write_json
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     """Entry point: metrics go to the run dir's metrics.json and, as
     ``cfg.optimized_metric``, to Hydra sweepers."""
-    metrics = run_stages(cfg)
+    try:
+        metrics = run_stages(cfg)
+    except Exception:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # Hydra shows a single run's error itself
+            log.exception("job failed")  # into the job's log, which breastnet.summary shows
+        raise
+    finally:
+        tracking.finish()  # one W&B run per job, also for sweep jobs sharing this process
     write_json(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None

@@ -18,6 +18,32 @@ CPU_TRAINER = {
     "enable_progress_bar": False,
     "enable_model_summary": False,
 }
+
+
+def compose_config(tmp_path: Path, *overrides: str, keep_hydra: bool = False):
+    """The app's config as a run composes it (HydraConfig set), artifacts and logs in tmp_path;
+    ``keep_hydra`` keeps the ``hydra`` node (sweeper, launcher) in the returned config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            return_hydra_config=True,
+            overrides=[
+                f"paths.work_dir={tmp_path / 'work'}",
+                f"paths.log_dir={tmp_path / 'logs'}",
+                *overrides,
+            ],
+        )
+    HydraConfig().set_config(cfg)
+    if not keep_hydra:
+        with open_dict(cfg):
+            del cfg.hydra
+    return cfg
+
+
 BACH_DEV = Path(os.environ.get("BREASTNET_BACH_DEV", ROOT.parent / "shared" / "data" / "bach-dev"))
 
 

@@ -205,3 +205,16 @@ def test_shared_bn_folded_mobilenet_file() -> None:
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(train_features, features)  # frozen BN: train mode == eval mode
     assert isinstance(net.model.classifier[1], nn.Linear)
+
+
+def test_train_from_freezes_the_layers_before_it_for_good() -> None:
+    net = build_backbone("mobilenet_v2", weights="none", train_from="features.10")
+    grads = {n: p.requires_grad for n, p in net.model.named_parameters()}
+    assert not any(v for n, v in grads.items() if n.startswith(("features.0.", "features.9.")))
+    assert all(v for n, v in grads.items() if n.startswith(("features.10.", "classifier.")))
+    # A head-only warm start unfreezes the trunk later: the early layers are not part of it.
+    trunk = {id(p) for p in net.trunk_parameters()}
+    assert id(net.model.features[9].conv[0][0].weight) not in trunk
+    assert id(net.model.features[10].conv[0][0].weight) in trunk
+    with pytest.raises(ValueError, match="features.99. is not a layer"):
+        build_backbone("mobilenet_v2", weights="none", train_from="features.99")

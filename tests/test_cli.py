@@ -6,43 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from breastnet.cli import run_stages
-from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.synthetic import write_synthetic_dataset
 
-from conftest import CONF, ROOT
-
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+from conftest import ROOT, compose_config
 
 
 def make_cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "config",
-            return_hydra_config=True,
-            overrides=[
-                f"paths.work_dir={tmp_path / 'work'}",
-                f"paths.log_dir={tmp_path}",
-                *overrides,
-            ],
-        )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes(experiment: str, tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, f"experiment={experiment}")
-    datamodule = instantiate(cfg.data)
-    assert isinstance(datamodule, BreastDataModule)
-    assert datamodule.work_dir == (tmp_path / "work").resolve()
+    """The composed config of a run, without its hydra node."""
+    return compose_config(tmp_path, *overrides)
 
 
 @pytest.mark.parametrize(

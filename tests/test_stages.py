@@ -30,7 +30,7 @@ SMALL = [
     "trainer=cpu",
     "trainer.max_epochs=2",
     "+trainer.enable_progress_bar=false",
-    "~logger",
+    "logger=none",
 ]
 
 
@@ -166,3 +166,8 @@ def test_image_stage_end_to_end(demo: Path, tmp_path: Path) -> None:
     (image_dir,) = (tmp_path / "work" / "image").iterdir()
     state = torch.load(image_dir / "best.ckpt", weights_only=False)["state_dict"]
     assert any(k.startswith("backbone.") for k in state) and any("lstm" in k for k in state)
+    # Evaluate runs the fine-tuned CNN of the image model itself (no features file exists).
+    with open_dict(cfg):
+        cfg.stages = ["evaluate"]
+    evaluated = run_stages(cfg)
+    assert evaluated["eval/image_accuracy"] == pytest.approx(metrics["image/test_acc"])

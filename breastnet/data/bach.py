@@ -192,7 +192,7 @@ def build_index(
         raise DataError(f"{data_dir}: no images ({suffixes}) found")
     problems = _check_empty_class_folders(data_dir, files)
 
-    csv_path = _find_label_csv(data_dir, labels_csv)
+    csv_path = find_label_csv(data_dir, labels_csv)
     csv_labels = read_label_csv(csv_path) if csv_path else {}
     entries = [_labelled_entry(f, data_dir, csv_labels, csv_path) for f in files]
 
@@ -243,7 +243,8 @@ def _update(entry: IndexEntry, found: dict) -> None:
         setattr(entry, key, value)
 
 
-def _find_label_csv(data_dir: Path, labels_csv: str | Path | None) -> Path | None:
+def find_label_csv(data_dir: Path, labels_csv: str | Path | None) -> Path | None:
+    """The label CSV to use: the one given, else BACH's ground truth if it lies in data_dir."""
     if labels_csv is not None:
         path = Path(labels_csv).expanduser()
         if not path.is_file():

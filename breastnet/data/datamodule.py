@@ -225,6 +225,7 @@ class BreastDataModule(pl.LightningDataModule):
         self.split_path: Path | None = None
         self.records: dict[str, dict] = {}
         self.reference: StainReference | None = None
+        self.stain = StainSettings()
         self.cache: PatchCache | None = None
         self.features: dict | None = None
 
@@ -304,7 +305,7 @@ class BreastDataModule(pl.LightningDataModule):
             self.work_dir, entries, tuple(hp.split), hp.folds, hp.fold, hp.seed
         )
         self.reference, reference_key = self._reference(entries, build)
-        stain = StainSettings(
+        self.stain = stain = StainSettings(
             self.reference,
             **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
         )

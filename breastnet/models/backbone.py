@@ -201,6 +201,9 @@ class Backbone(nn.Module):
         num_classes: width of the new head (and of Inception-V3's aux head).
         freeze_bn: keep every BatchNorm in eval mode with frozen affine parameters, even in
             ``train()``: needed for BN-folded weights, and steadier with small batches.
+        train_from: first layer to train (e.g. ``features.10`` for mobilenet_v2, ``Mixed_6a``
+            for inception_v3); every parameter before it stays frozen, which on a few
+            hundred images keeps the generic early filters from overfitting. None trains all.
 
     Attributes:
         feature_dim: width of ``forward_features``.
@@ -210,7 +213,13 @@ class Backbone(nn.Module):
             (Inception-V3, until ``drop_aux``).
     """
 
-    def __init__(self, name: str = "inception_v3", num_classes: int = 4, freeze_bn: bool = False):
+    def __init__(
+        self,
+        name: str = "inception_v3",
+        num_classes: int = 4,
+        freeze_bn: bool = False,
+        train_from: str | None = None,
+    ):
         super().__init__()
         spec = get_spec(name)
         data = resolve_data_config(name)
@@ -230,12 +239,29 @@ class Backbone(nn.Module):
         if freeze_bn:
             for bn in self._batchnorms():
                 bn.requires_grad_(False)
+        self.train_from = train_from
+        for p in self._early_parameters():
+            p.requires_grad_(False)
         self.train()
 
     @property
     def spec(self) -> BackboneSpec:
         """The registry entry, looked up by name so the module carries no registry state."""
         return get_spec(self.name)
+
+    def _early_parameters(self) -> list[nn.Parameter]:
+        """Parameters before the ``train_from`` layer (in definition order): never trained."""
+        if self.train_from is None:
+            return []
+        named = list(self.model.named_parameters())
+        prefix = f"{self.train_from}."
+        first = next((i for i, (n, _) in enumerate(named) if n.startswith(prefix)), None)
+        if first is None:
+            raise ValueError(
+                f"train_from={self.train_from!r} is not a layer of {self.name} with parameters "
+                "(e.g. features.10 for mobilenet_v2, Mixed_6a for inception_v3)"
+            )
+        return [p for _, p in named[:first]]
 
     def _batchnorms(self) -> list[_BatchNorm]:
         return [m for m in self.modules() if isinstance(m, _BatchNorm)]
@@ -292,6 +318,7 @@ class Backbone(nn.Module):
         }
         if self.freeze_bn:
             skip |= {id(p) for bn in self._batchnorms() for p in bn.parameters()}
+        skip |= {id(p) for p in self._early_parameters()}
         if hasattr(self.model, "AuxLogits") and not self.has_aux:
             skip |= {id(p) for p in self.model.AuxLogits.parameters()}
         return [p for p in self.parameters() if id(p) not in skip]
@@ -370,6 +397,7 @@ def build_backbone(
     weights: str | os.PathLike = "imagenet",
     num_classes: int = 4,
     freeze_bn: bool = False,
+    train_from: str | None = None,
 ) -> Backbone:
     """Build a backbone and initialise it.
 
@@ -380,11 +408,12 @@ def build_backbone(
             they must already be in ``$TORCH_HOME/hub/checkpoints``) or a state-dict path.
         num_classes: classes of the new head.
         freeze_bn: BatchNorm frozen in eval mode (required for BN-folded weight files).
+        train_from: first layer to train; the layers before it stay frozen (None: all train).
 
     Returns:
         The initialised ``Backbone``.
     """
-    net = Backbone(name, num_classes=num_classes, freeze_bn=freeze_bn)
+    net = Backbone(name, num_classes=num_classes, freeze_bn=freeze_bn, train_from=train_from)
     if str(weights) != "none":
         net.load_pretrained(weights)
     return net

@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from breastnet.artifacts import write_json, write_text
 
@@ -65,10 +66,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides: An
     Lightning's ``ddp`` re-launches the command line for ranks > 0, which cannot work inside
     a Hydra multirun (each job would start the sweep again): there ``ddp_spawn`` is used.
     """
-    if _in_multirun() and cfg.trainer.get("strategy") == "ddp":
+    # Under SLURM, srun has started every rank already: nothing to spawn.
+    if _in_multirun() and cfg.trainer.get("strategy") == "ddp" and not SLURMEnvironment.detect():
         log.warning("trainer.strategy=ddp inside a Hydra multirun: using ddp_spawn instead")
         overrides["strategy"] = "ddp_spawn"
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams(container(cfg))  # the whole resolved config, not only the model's
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **overrides)
 
 
@@ -93,10 +97,12 @@ def train_and_test(
     out_dir: Path,
     prefix: str,
     early_stopping_patience: int | None = None,
+    last_every_n_epochs: int = 1,
     **trainer_overrides: Any,
 ) -> dict[str, float]:
-    """Fit with ``best``/``last`` checkpoints in ``out_dir`` (resuming from ``last``), test the
-    best, and mark the stage done; returns ``<prefix>/val_acc_best`` and ``<prefix>/test_acc``.
+    """Fit with ``best``/``last`` checkpoints in ``out_dir`` (resuming from ``last``, written
+    every ``last_every_n_epochs``), test the best, and mark the stage done; returns
+    ``<prefix>/val_acc_best`` and ``<prefix>/test_acc``.
     """
     # `save_last=True` writes last.ckpt only when `best` improves: a second callback keeps
     # last.ckpt at every epoch end, which resuming needs.
@@ -107,7 +113,12 @@ def train_and_test(
         mode="max",
         enable_version_counter=False,
     )
-    latest = ModelCheckpoint(dirpath=out_dir, filename="last", enable_version_counter=False)
+    latest = ModelCheckpoint(
+        dirpath=out_dir,
+        filename="last",
+        every_n_epochs=last_every_n_epochs,
+        enable_version_counter=False,
+    )
     callbacks = [best, latest, EpochSeed(cfg.seed)]
     if early_stopping_patience:
         callbacks.append(EarlyStopping("val/acc", patience=early_stopping_patience, mode="max"))

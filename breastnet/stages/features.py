@@ -21,6 +21,7 @@ from breastnet import CLASSES
 from breastnet.artifacts import atomic_write, config_hash, write_json
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.splits import SIDES
+from breastnet.models.backbone import Backbone
 from breastnet.models.patch_classifier import PatchClassifier
 from breastnet.stages import patch
 from breastnet.stages.common import finished_metrics
@@ -38,14 +39,18 @@ def dihedral(x: torch.Tensor) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def embed(
-    model: PatchClassifier, patches: torch.Tensor, batch_size: int, tta: bool
+    net: Backbone, patches: torch.Tensor, batch_size: int, tta: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] and probabilities [N, C] of uint8 patches [N, 3, S, S], chunked."""
+    """Features [N, D] and probabilities [N, C] of uint8 patches [N, 3, S, S], chunked.
+
+    ``net`` must be in eval mode; it stays on its device, the results come back on the CPU.
+    """
+    device = next(net.parameters()).device
     features, probs = [], []
     for chunk in patches.split(batch_size):
-        views = [v.to(model.device) for v in (dihedral(chunk) if tta else [chunk])]
-        view_features = [model.extract_features(v) for v in views]  # each B x D
-        view_probs = [model.net.forward_head(f).softmax(1) for f in view_features]
+        views = [v.to(device) for v in (dihedral(chunk) if tta else [chunk])]
+        view_features = [net.forward_features(net.normalize(v)) for v in views]  # each B x D
+        view_probs = [net.forward_head(f).softmax(1) for f in view_features]
         features.append(torch.stack(view_features).mean(0).float().cpu())
         probs.append(torch.stack(view_probs).mean(0).float().cpu())
     return torch.cat(features), torch.cat(probs)
@@ -92,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             record = datamodule.records[image_id]
             patches = np.moveaxis(np.array(datamodule.cache.load(image_id)), -1, 1)
             features, probs = embed(
-                model, torch.from_numpy(patches), cfg.features.batch_size, cfg.features.tta
+                model.net, torch.from_numpy(patches), cfg.features.batch_size, cfg.features.tta
             )
             tissue = torch.tensor(record["tissue"])
             counted_patches = tissue >= datamodule.hparams.min_tissue

@@ -1,0 +1,294 @@
+"""Summarise a Hydra multirun (cross-validation folds, a grid, an Optuna study) in one place.
+
+    python -m breastnet.summary logs/cv/<time> [--group-by image_model ...] [--metrics KEY ...]
+
+A sweep leaves one job dir per run (``<sweep_dir>/<n>/``) with its overrides and its
+``metrics.json``; this reads them all, writes ``summary.json`` and ``summary.md`` into the
+sweep dir and prints the markdown: a row per job, then mean ± std of every numeric metric per
+group of jobs. A job dir without ``metrics.json`` failed (or has not finished yet): it is
+listed with the end of its log, and the other jobs are summarised all the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from breastnet import wandb_mode
+from breastnet.artifacts import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+#: Lines of a failed job's log shown in the summary.
+LOG_LINES = 20
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides as ``{key: value}`` (``+key`` as ``key``)."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    lines = yaml.safe_load(path.read_text()) if path.is_file() else None
+    pairs = (o.split("=", 1) for o in lines or [] if "=" in o and not o.startswith("~"))
+    return {key.lstrip("+"): value for key, value in pairs}
+
+
+def _setting(job_dir: Path, overrides: dict[str, str], key: str) -> str | None:
+    """The job's value of ``key``: its override, else its config group choice (``image_model``
+    when left at the default), else the scalar in its saved config."""
+    if key in overrides:
+        return overrides[key]
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        choices = yaml.safe_load(hydra_yaml.read_text())["hydra"]["runtime"]["choices"]
+        if key in choices:
+            return choices[key]
+    config_yaml = job_dir / ".hydra" / "config.yaml"
+    node: Any = yaml.safe_load(config_yaml.read_text()) if config_yaml.is_file() else None
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return None if node is None or isinstance(node, dict | list) else str(node)
+
+
+def _log_tail(job_dir: Path, lines: int = LOG_LINES) -> list[str]:
+    """The last lines of the job's log (Hydra writes ``<job name>.log`` into the job dir)."""
+    logs = sorted(job_dir.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    return logs[-1].read_text(errors="replace").splitlines()[-lines:] if logs else []
+
+
+def read_jobs(sweep_dir: Path) -> list[dict]:
+    """Every job of the sweep, in job order: number, overrides, status, metrics."""
+    job_dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    jobs = []
+    for job_dir in sorted(job_dirs, key=lambda d: int(d.name)):
+        job = {"num": int(job_dir.name), "dir": str(job_dir), "overrides": _overrides(job_dir)}
+        metrics_path = job_dir / "metrics.json"
+        if metrics_path.is_file():
+            job |= {"status": "ok", "metrics": json.loads(metrics_path.read_text())}
+        else:
+            job |= {"status": "failed", "metrics": {}, "log_tail": _log_tail(job_dir)}
+        jobs.append(job)
+    return jobs
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    """The metrics that are numbers (not bools, strings, lists or dicts)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _group_stats(jobs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean, std (numpy's default, ddof=0) and count of each numeric metric over ``jobs``."""
+    values: dict[str, list[float]] = {}
+    for job in jobs:
+        for key, value in _numeric(job["metrics"]).items():
+            values.setdefault(key, []).append(value)
+    return {
+        key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+        for key, v in sorted(values.items())
+    }
+
+
+def summarize(
+    sweep_dir: Path, group_by: Sequence[str] = (), metrics: Sequence[str] | None = None
+) -> dict:
+    """Summarise the sweep in ``sweep_dir``; writes ``summary.json`` and ``summary.md`` there.
+
+    Args:
+        sweep_dir: the multirun dir (Hydra's ``hydra.sweep.dir``).
+        group_by: override keys whose values make a group (e.g. ``image_model``); none: every
+            job in one group, ``all``.
+        metrics: the metric columns of ``summary.md`` (default: every numeric metric);
+            ``summary.json`` always has them all.
+
+    Returns:
+        ``{"sweep_dir", "group_by", "varying", "jobs": [...], "groups": [...]}``: per job its
+        number, overrides, status, metrics (and ``log_tail`` when failed); per group its
+        settings, job counts and ``{metric: {"mean", "std", "n"}}`` over its finished jobs.
+    """
+    sweep_dir = Path(sweep_dir)
+    jobs = read_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"no job dirs (<n>/) in {sweep_dir}")
+    members: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        job["settings"] = {k: _setting(Path(job["dir"]), job["overrides"], k) for k in group_by}
+        job["group"] = ", ".join(f"{k}={v}" for k, v in job["settings"].items()) or "all"
+        members.setdefault(tuple(job["settings"].values()), []).append(job)
+    groups = [
+        {
+            "name": group[0]["group"],
+            "settings": group[0]["settings"],
+            "n_jobs": len(group),
+            "n_failed": sum(job["status"] != "ok" for job in group),
+            "metrics": _group_stats([job for job in group if job["status"] == "ok"]),
+        }
+        for group in members.values()
+    ]
+    keys = dict.fromkeys(key for job in jobs for key in job["overrides"])  # command-line order
+    varying = [key for key in keys if len({job["overrides"].get(key) for job in jobs}) > 1]
+    summary = {
+        "sweep_dir": str(sweep_dir),
+        "group_by": list(group_by),
+        "varying": varying,
+        "jobs": jobs,
+        "groups": groups,
+    }
+    write_json(sweep_dir / "summary.json", summary)
+    write_text(sweep_dir / "summary.md", to_markdown(summary, metrics))
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _short(value: str | None) -> str | None:
+    """An override as passed, but a long float (an Optuna draw) to 4 significant digits."""
+    try:
+        return f"{float(value):.4g}" if value and "." in value else value
+    except ValueError:
+        return value
+
+
+def _cell(text: object) -> str:
+    return "—" if text is None else str(text).replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = [f"| {' | '.join(_cell(h) for h in header)} |", f"|{' --- |' * len(header)}"]
+    return lines + [f"| {' | '.join(_cell(c) for c in row)} |" for row in rows]
+
+
+def _metric_names(summary: dict, metrics: Sequence[str] | None) -> list[str]:
+    if metrics:
+        return list(metrics)
+    return sorted({k for job in summary["jobs"] for k in _numeric(job["metrics"])})
+
+
+def job_rows(summary: dict, metrics: Sequence[str] | None = None) -> tuple[list[str], list]:
+    """The per-job table: header and rows (job, status, the overrides that vary, metrics)."""
+    names = _metric_names(summary, metrics)
+    header = ["job", "status", *summary["varying"], *names]
+    rows = []
+    for job in summary["jobs"]:
+        values = _numeric(job["metrics"])
+        rows.append(
+            [job["num"], job["status"]]
+            + [job["overrides"].get(key) for key in summary["varying"]]
+            + [values.get(name) for name in names]
+        )
+    return header, rows
+
+
+def to_markdown(summary: dict, metrics: Sequence[str] | None = None) -> str:
+    """The summary as markdown: jobs, then mean ± std per group, then the failed jobs' logs."""
+    jobs, names = summary["jobs"], _metric_names(summary, metrics)
+    failed = [job for job in jobs if job["status"] != "ok"]
+    lines = [
+        f"# Sweep {summary['sweep_dir']}",
+        "",
+        f"{len(jobs)} jobs: {len(jobs) - len(failed)} finished, {len(failed)} failed.",
+        "",
+        "## Jobs",
+        "",
+    ]
+    header, rows = job_rows(summary, names)
+    n_text = 2 + len(summary["varying"])  # job, status and overrides are shown as they are
+    lines += _table(
+        header,
+        [r[:2] + [_short(v) for v in r[2:n_text]] + [_fmt(v) for v in r[n_text:]] for r in rows],
+    )
+
+    group_by = summary["group_by"]
+    over = f"by {', '.join(group_by)}" if group_by else "over all jobs"
+    lines += ["", f"## Mean ± std {over} (finished jobs; std with ddof=0)", ""]
+    group_rows = []
+    for group in summary["groups"]:
+        stats = group["metrics"]
+        counts = f"{group['n_jobs'] - group['n_failed']}"
+        counts += f" (+{group['n_failed']} failed)" if group["n_failed"] else ""
+        group_rows.append(
+            [*(group["settings"].values() if group_by else ["all"]), counts]
+            + [
+                f"{_fmt(stats[n]['mean'])} ± {_fmt(stats[n]['std'])}" if n in stats else "—"
+                for n in names
+            ]
+        )
+    lines += _table([*(group_by or ["group"]), "jobs", *names], group_rows)
+
+    if failed:
+        lines += ["", "## Failed jobs"]
+        for job in failed:
+            overrides = " ".join(f"{k}={v}" for k, v in job["overrides"].items())
+            lines += ["", f"### Job {job['num']}: {overrides}", "", "```"]
+            lines += job["log_tail"] or [f"(no log in {job['dir']})"]
+            lines += ["```"]
+    return "\n".join(lines) + "\n"
+
+
+def log_to_wandb(summary: dict, sweep_dir: Path, group: str | None = None) -> None:
+    """Log the summary as one extra W&B run beside the sweep's own runs (``job_type``
+    ``summary``): the per-job table, and every group's mean/std/n as the run summary.
+
+    The mode is the jobs' own (``breastnet.wandb_mode``: ``WANDB_MODE``, else online once
+    logged in, else offline); the run's files land in ``sweep_dir/wandb``.
+    """
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed: no summary run logged")
+        return
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "breastnet"),
+        dir=str(sweep_dir),
+        job_type="summary",
+        group=group,
+        name=f"summary-{Path(sweep_dir).name}",
+        mode=wandb_mode(),
+        config={"sweep_dir": str(sweep_dir), "group_by": summary["group_by"]},
+    )
+    header, rows = job_rows(summary)
+    run.log({"jobs": wandb.Table(columns=header, data=rows)})
+    for g in summary["groups"]:
+        for metric, stats in g["metrics"].items():
+            for stat, value in stats.items():
+                run.summary[f"{g['name']}/{metric}/{stat}"] = value
+    run.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: summarise a sweep dir, print the markdown, optionally log it to W&B."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="the multirun dir (hydra.sweep.dir)")
+    parser.add_argument(
+        "--group-by", nargs="+", default=[], metavar="KEY", help="override keys to group by"
+    )
+    parser.add_argument(
+        "--metrics", nargs="+", metavar="KEY", help="metric columns of the markdown"
+    )
+    parser.add_argument("--wandb", action="store_true", help="also log one W&B summary run")
+    parser.add_argument(
+        "--wandb-group", help="W&B group of that run (default: the jobs' run_group)"
+    )
+    args = parser.parse_args(argv)
+    summary = summarize(args.sweep_dir, args.group_by, args.metrics)
+    print(to_markdown(summary, args.metrics), end="")
+    if args.wandb:
+        jobs = summary["jobs"]
+        run_groups = {_setting(Path(j["dir"]), j["overrides"], "run_group") for j in jobs}
+        default = run_groups.pop() if len(run_groups) == 1 else None
+        log_to_wandb(summary, args.sweep_dir, args.wandb_group or default)
+
+
+if __name__ == "__main__":
+    main()

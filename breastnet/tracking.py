@@ -1,0 +1,100 @@
+"""W&B tracking beyond what Lightning's ``WandbLogger`` logs by itself.
+
+The Trainer logs curves and test metrics; this adds the resolved config, and after evaluate or
+predict the confusion matrix and ROC as W&B charts, the report's PNGs, and a table of the
+misclassified images. All stages of one job share one W&B run (``wandb.run``); the CLI
+finishes it at the end of the job, so each sweep job or fold gets its own run.
+"""
+
+import sys
+from typing import Any
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from breastnet import CLASSES
+from breastnet.reporting import ImageResult, Report
+
+
+def uses_wandb(cfg: DictConfig) -> bool:
+    """Whether ``cfg.logger`` is Lightning's WandbLogger."""
+    logger = cfg.get("logger")
+    return bool(logger) and str(logger.get("_target_", "")).endswith("WandbLogger")
+
+
+def wandb_run(cfg: DictConfig) -> Any:
+    """This job's W&B run (started with the logger's settings if no stage has), else None."""
+    return instantiate(cfg.logger).experiment if uses_wandb(cfg) else None
+
+
+def finish() -> None:
+    """End the job's W&B run, if one was started (a no-op without wandb)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def roc_chart(labels: np.ndarray, probs: np.ndarray) -> Any:
+    """One-vs-rest ROC curves as a W&B chart. ``wandb.plot.roc_curve`` needs pandas, and
+    indexes the probabilities by the rank of a class among those present, not by its index."""
+    import wandb
+    from sklearn.metrics import roc_curve
+
+    table = wandb.Table(columns=["class", "fpr", "tpr"])
+    for c, name in enumerate(CLASSES):
+        if 0 < (labels == c).sum() < len(labels):
+            fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
+            for x, y in zip(fpr, tpr, strict=True):
+                table.add_data(name, round(float(x), 4), round(float(y), 4))
+    return wandb.plot_table(
+        "wandb/area-under-curve/v0",
+        table,
+        {"x": "fpr", "y": "tpr", "class": "class"},
+        {
+            "title": "ROC",
+            "x-axis-title": "false positive rate",
+            "y-axis-title": "true positive rate",
+        },
+    )
+
+
+def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], prefix: str) -> None:
+    """Send a report to W&B: summary metrics, confusion/ROC charts, PNGs, misclassified table."""
+    run = wandb_run(cfg)
+    if run is None:
+        return
+    import wandb
+
+    rows: dict[str, Any] = {
+        f"{prefix}/{name.replace('/', '_')}": wandb.Image(str(path), caption=name)
+        for name, path in report.figures.items()
+    }
+    labelled = [r for r in results if r.error is None and r.label is not None]
+    if report.metrics is not None and labelled:
+        y = [r.label for r in labelled]
+        probs = np.stack([r.probs for r in labelled])
+        rows[f"{prefix}/confusion_matrix_chart"] = wandb.plot.confusion_matrix(
+            y_true=y, preds=probs.argmax(1).tolist(), class_names=list(CLASSES)
+        )
+        rows[f"{prefix}/roc_chart"] = roc_chart(np.array(y), probs)
+        for key in ("image_accuracy", "patch_accuracy", "macro_auc", "n_images"):
+            if report.metrics.get(key) is not None:
+                run.summary[f"{prefix}/{key}"] = report.metrics[key]
+    table = wandb.Table(
+        columns=["image_id", "path", "true", "predicted", "probability", "heatmap"]
+    )
+    by_id = {r.image_id: r for r in results}
+    for image_id in report.misclassified:
+        r = by_id[image_id]
+        heatmap = report.figures.get(f"heatmap/{image_id}")
+        table.add_data(
+            image_id,
+            r.path,
+            CLASSES[r.label],
+            CLASSES[r.predicted],
+            float(r.probs.max()),
+            wandb.Image(str(heatmap)) if heatmap else None,
+        )
+    rows[f"{prefix}/misclassified"] = table
+    run.log(rows)

@@ -1,0 +1,91 @@
+"""Baseline (1): frozen ImageNet MobileNetV2 features of each tile, no stain work, no
+fine-tuning; a logistic regression on the training patches; an image's class = the mean of its
+patch probabilities. Same images, tiles and splits as the pipeline (the split files in
+work_dir), so its numbers sit in the same table as ``experiment=bach_cpu``.
+
+    python experiments/bach_cpu/baseline_frozen.py --work-dir /tmp/bc/work --folds 5
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+from breastnet.data.bach import build_index, read_index, read_rgb
+from breastnet.data.splits import load_or_make_split
+from breastnet.data.tiling import tile_image
+from breastnet.models.backbone import build_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
+BACH_DEV = os.environ.get("BREASTNET_BACH_DEV", str(ROOT.parent / "shared/data/bach-dev"))
+WEIGHTS = os.environ.get(
+    "BREASTNET_WEIGHTS",
+    str(ROOT.parent / "shared/weights/mobilenet_v2_imagenet_bnfolded_fp16.pth"),
+)
+
+
+@torch.no_grad()
+def tile_features(entries: list, weights: str, tile: int, size: int) -> dict[str, np.ndarray]:
+    """Pooled features [N, 1280] of every image's tiles (raw colours), by image id."""
+    net = build_backbone("mobilenet_v2", weights=weights, freeze_bn=True).eval()
+    out = {}
+    for e in tqdm(entries, desc="frozen features", unit="img"):
+        patches, _ = tile_image(read_rgb(e.path)[0], tile, tile, size)
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, 1)))
+        out[e.image_id] = net.forward_features(net.normalize(x)).numpy()
+    return out
+
+
+def evaluate(split: dict, feats: dict, labels: dict) -> dict[str, float]:
+    """Fit on the train patches; patch and image (mean of patch probabilities) test accuracy."""
+    train = split["train"]
+    x = np.concatenate([feats[i] for i in train])
+    y = np.concatenate([[labels[i]] * len(feats[i]) for i in train])
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y)
+    patch_right = patches = image_right = 0
+    for i in split["test"]:
+        probs = model.predict_proba(feats[i])
+        patch_right += int((probs.argmax(1) == labels[i]).sum())
+        patches += len(probs)
+        image_right += int(probs.mean(0).argmax() == labels[i])
+    return {"patch_acc": patch_right / patches, "image_acc": image_right / len(split["test"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=BACH_DEV)
+    parser.add_argument("--weights", default=WEIGHTS)
+    parser.add_argument("--work-dir", type=Path, default=Path("work"))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=2019)
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+
+    index = args.work_dir / "index.csv"
+    previous = read_index(index) if index.is_file() else None
+    entries = [
+        e for e in build_index(args.data, min_size=args.tile, previous=previous) if e.usable
+    ]
+    labels = {e.image_id: e.label_index for e in entries}
+    feats = tile_features(entries, args.weights, args.tile, args.size)
+    results = {"holdout": evaluate(load_or_make_split(args.work_dir, entries)[0], feats, labels)}
+    for fold in range(args.folds):
+        split, _ = load_or_make_split(args.work_dir, entries, folds=args.folds, fold=fold)
+        results[f"fold{fold}"] = evaluate(split, feats, labels)
+    folds = [results[f"fold{f}"] for f in range(args.folds)]
+    for key in ("patch_acc", "image_acc"):
+        values = np.array([r[key] for r in folds])
+        results[f"cv_{key}"] = {"mean": values.mean(), "std": values.std()}
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

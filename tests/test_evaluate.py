@@ -1,0 +1,208 @@
+"""Evaluate and predict on a tiny trained pipeline: report files, consistency, bad files, W&B."""
+
+import csv
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import make_cfg
+from test_stages import SMALL
+
+from breastnet.cli import run_stages
+from breastnet.data.bach import DataError
+from breastnet.data.synthetic import write_synthetic_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Attention-MIL: quick to train, and it has attention weights for the heatmaps.
+TINY = [*SMALL, "image_model=attention", "image_model.max_epochs=3", "eval.examples=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """Generated data, a run dir and the metrics of every training stage run on them."""
+    data = write_synthetic_dataset(tmp_path_factory.mktemp("data"), 4, 256, 192, seed=5)
+    run = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(run, *TINY, f"data.data_dir={data}", "stages=[prepare,patch,features,image]")
+    return data, run, run_stages(cfg)
+
+
+def cfg_for(trained: tuple[Path, Path, dict], *overrides: str):
+    data, run, _ = trained
+    return make_cfg(run, *TINY, f"data.data_dir={data}", *overrides)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
+    metrics = run_stages(cfg_for(trained, "stages=[evaluate]"))
+    # The same model on the same images: the Trainer's test accuracy, recomputed from the report.
+    assert metrics["eval/image_accuracy"] == pytest.approx(trained[2]["image/test_acc"])
+    (report,) = (trained[1] / "work" / "reports").iterdir()
+    saved = json.loads((report / "metrics.json").read_text())
+    assert saved["n_images"] == 4 == metrics["eval/n_images"]
+    assert set(saved) >= {"patch_accuracy", "image_accuracy", "macro_auc", "per_class"}
+    assert np.array(saved["confusion_matrix"]).sum() == 4
+    assert set(saved["per_class"]) == {"Normal", "Benign", "InSitu", "Invasive"}
+    rows = read_rows(report / "predictions.csv")
+    assert len(rows) == 4 and {r["label"] for r in rows} == {
+        "Normal",
+        "Benign",
+        "InSitu",
+        "Invasive",
+    }
+    assert all(
+        abs(sum(float(r[f"prob_{c}"]) for c in ("Normal", "Benign", "InSitu", "Invasive")) - 1)
+        < 1e-3
+        for r in rows
+    )
+    pngs = {p.name for p in report.glob("*.png")}
+    assert {"confusion_matrix.png", "roc.png", "tsne.png", "patch_grid.png"} <= pngs
+    assert len([p for p in pngs if p.startswith("heatmap_")]) == 2
+    assert "data:image/png;base64," in (report / "index.html").read_text()
+
+
+def test_predict_on_raw_files_matches_evaluate(trained, tmp_path: Path) -> None:
+    """The raw-image path (read, normalise, tile, CNN, aggregator) gives the cached path's
+    probabilities: predict and evaluate run the same pipeline."""
+    data = trained[0]
+    run_stages(cfg_for(trained, "stages=[evaluate]", "eval.split=all"))
+    reports = trained[1] / "work" / "reports"
+    evaluated = max(reports.iterdir(), key=lambda p: p.stat().st_mtime)
+    expected = {r["image_id"]: r for r in read_rows(evaluated / "predictions.csv")}
+    out = tmp_path / "predicted"
+    metrics = run_stages(
+        cfg_for(trained, "stages=[predict]", f"predict.input={data}", f"predict.output_dir={out}")
+    )
+    assert metrics["predict/n_images"] == 16
+    for row in read_rows(out / "predictions.csv"):
+        want = expected[row["image_id"]]
+        assert row["predicted"] == want["predicted"] and row["label"] == want["label"]
+        for c in ("Normal", "Benign", "InSitu", "Invasive"):
+            assert float(row[f"prob_{c}"]) == pytest.approx(float(want[f"prob_{c}"]), abs=2e-3)
+
+
+def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: Path) -> None:
+    folder = tmp_path / "external"
+    for cls in ("Normal", "Invasive"):
+        shutil.copytree(trained[0] / cls, folder / cls)
+    (folder / "Invasive" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    tiny = folder / "Normal" / "tiny.png"
+    shutil.copy(trained[0] / "Normal" / "n000.png", tiny)
+    from PIL import Image
+
+    Image.open(tiny).resize((20, 20)).save(tiny)
+    out = tmp_path / "out"
+    cfg = cfg_for(
+        trained, "stages=[predict]", f"predict.input={folder}", f"predict.output_dir={out}"
+    )
+    with pytest.raises(DataError, match="2 of 10 file"):
+        run_stages(cfg)
+    rows = {r["image_id"]: r for r in read_rows(out / "predictions.csv")}
+    assert len(rows) == 10
+    assert "cannot read image" in rows["Invasive/broken"]["error"]
+    assert "smaller" in rows["Normal/tiny"]["error"] or "tile" in rows["Normal/tiny"]["error"]
+    assert rows["Invasive/broken"]["predicted"] == ""
+    good = [r for r in rows.values() if not r["error"]]
+    assert len(good) == 8 and all(r["predicted"] for r in good)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_images"] == 8 and saved["n_errors"] == 2
+    right = sum(r["label"] == r["predicted"] for r in good) / 8
+    assert saved["image_accuracy"] == pytest.approx(right)
+
+
+def test_predict_unlabelled_file_has_no_metrics(trained, tmp_path: Path) -> None:
+    image = tmp_path / "slide.png"
+    shutil.copy(trained[0] / "Benign" / "b000.png", image)
+    out = tmp_path / "out"
+    cfg = cfg_for(
+        trained, "stages=[predict]", f"predict.input={image}", f"predict.output_dir={out}"
+    )
+    assert run_stages(cfg) == {"predict/n_images": 1}
+    (row,) = read_rows(out / "predictions.csv")
+    assert row["label"] == "" and row["predicted"] in ("Normal", "Benign", "InSitu", "Invasive")
+    assert not (out / "metrics.json").exists()
+
+
+def wandb_records(path: Path) -> Iterator[bytes]:
+    """The protobuf records of a ``.wandb`` file: a 7-byte header, then LevelDB's log format
+    (32 KiB blocks; chunks with crc32c, little-endian length and type: full, first, middle,
+    last). wandb ships no Python reader of its own any more."""
+    data, block, pos, parts = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if (room := block - pos % block) < 7:  # a block's tail too small for a header: padding
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        parts += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full or last
+            yield parts
+            parts = b""
+
+
+def read_wandb_run(run_dir: Path) -> tuple[dict, dict, dict, list]:
+    """History (last value per key), summary, config and artifact types of an offline run."""
+    from wandb.proto import wandb_internal_pb2
+
+    found: dict[str, dict] = {"history": {}, "summary": {}, "config": {}}
+    artifacts = []
+    (log,) = run_dir.glob("*.wandb")
+    for data in wandb_records(log):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "artifact":
+            artifacts.append(record.artifact.type)
+        fields = {"history": "item", "summary": "update", "config": "update"}
+        items = getattr(getattr(record, kind), fields[kind]) if kind in fields else None
+        if items is not None:
+            for item in items:
+                key = item.key or "/".join(item.nested_key)
+                found[kind][key] = json.loads(item.value_json)
+    return found["history"], found["summary"], found["config"], artifacts
+
+
+def test_wandb_offline_run_holds_metrics_images_and_config(
+    trained, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output = tmp_path / "hydra-run"
+    cfg = cfg_for(
+        trained,
+        "stages=[image,evaluate]",
+        "logger=wandb",
+        "image_model.max_epochs=4",  # a new image model: the Trainer logs its curves too
+        f"paths.output_dir={output}",
+    )
+    from breastnet import tracking
+
+    try:
+        metrics = run_stages(cfg)
+    finally:
+        tracking.finish()
+    (run_dir,) = (output / "wandb").glob("offline-run-*")
+    history, summary, config, artifacts = read_wandb_run(run_dir)
+    assert "model" in artifacts  # the image model's checkpoints
+    assert summary["eval/image_accuracy"] == pytest.approx(metrics["eval/image_accuracy"])
+    assert "train/loss" in history and "val/acc" in history and "test/acc" in history
+    images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert len(images) >= 4  # confusion matrix, ROC, t-SNE, patch grid (+ heatmaps)
+    wrong = round(4 * (1 - metrics["eval/image_accuracy"]))
+    assert history["eval/misclassified/_type"] == "table-file"
+    assert history["eval/misclassified/nrows"] == wrong
+    assert {
+        "_wandb/visualize/eval/confusion_matrix_chart",
+        "_wandb/visualize/eval/roc_chart",
+    } <= set(config)
+    # The whole resolved Hydra config, not only the model's hyperparameters.
+    assert config["image_model"]["aggregator"]["name"] == "attention"
+    assert config["data"]["tile_size"] == 64

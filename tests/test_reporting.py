@@ -1,0 +1,224 @@
+"""Reporting: metrics agree with scikit-learn, and the report files hold what they claim."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, roc_auc_score
+
+from breastnet import CLASSES
+from breastnet.reporting import ImageResult, classification_metrics, write_report
+
+C = len(CLASSES)
+
+
+def noisy_probs(labels: np.ndarray, rng: np.random.Generator, signal: float = 1.5) -> np.ndarray:
+    """Softmax of random logits nudged towards the true class (right most of the time)."""
+    logits = rng.normal(size=(len(labels), C))
+    logits[np.arange(len(labels)), labels] += signal
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sklearn_specificity(labels: np.ndarray, preds: np.ndarray, c: int) -> float:
+    cm = confusion_matrix(labels, preds, labels=range(C))
+    fp = cm[:, c].sum() - cm[c, c]
+    tn = cm.sum() - cm[c].sum() - fp
+    return tn / (tn + fp)
+
+
+def test_metrics_match_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, C, size=80)
+    probs = noisy_probs(labels, rng)
+    patch_labels = rng.integers(0, C, size=300)
+    patch_preds = np.where(rng.random(300) < 0.6, patch_labels, rng.integers(0, C, size=300))
+    m = classification_metrics(labels, probs, patch_labels, patch_preds)
+    preds = probs.argmax(axis=1)
+
+    assert m["image_accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-6)
+    assert m["patch_accuracy"] == pytest.approx(
+        accuracy_score(patch_labels, patch_preds), abs=1e-6
+    )
+    assert m["macro_auc"] == pytest.approx(
+        roc_auc_score(labels, probs, multi_class="ovr", average="macro"), abs=1e-6
+    )
+    assert m["confusion_matrix"] == confusion_matrix(labels, preds, labels=range(C)).tolist()
+    assert (m["n_images"], m["n_patches"]) == (80, 300)
+    recall = recall_score(labels, preds, labels=range(C), average=None)
+    for c, name in enumerate(CLASSES):
+        got = m["per_class"][name]
+        assert got["auc"] == pytest.approx(roc_auc_score(labels == c, probs[:, c]), abs=1e-6)
+        assert got["sensitivity"] == pytest.approx(recall[c], abs=1e-6)
+        assert got["specificity"] == pytest.approx(sklearn_specificity(labels, preds, c), abs=1e-6)
+        assert got["n"] == int((labels == c).sum())
+    json.dumps(m, allow_nan=False)  # plain JSON: no NaN, no numpy types
+
+
+def test_absent_class_has_no_auc_and_is_left_out_of_the_macro_mean() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.choice([0, 1, 3], size=40)  # no InSitu
+    probs = noisy_probs(labels, rng, signal=1.0)
+    m = classification_metrics(labels, probs)
+    insitu = m["per_class"]["InSitu"]
+    assert insitu["auc"] is None and insitu["sensitivity"] is None and insitu["n"] == 0
+    preds = probs.argmax(axis=1)
+    assert insitu["specificity"] == pytest.approx(1 - (preds == 2).mean(), abs=1e-6)
+    per_class = [roc_auc_score(labels == c, probs[:, c]) for c in (0, 1, 3)]
+    for c, auc in zip((0, 1, 3), per_class, strict=True):
+        assert m["per_class"][CLASSES[c]]["auc"] == pytest.approx(auc, abs=1e-6)
+    assert m["macro_auc"] == pytest.approx(np.mean(per_class), abs=1e-6)
+    assert m["patch_accuracy"] is None and m["n_patches"] is None
+    json.dumps(m, allow_nan=False)
+
+
+def test_perfect_predictions() -> None:
+    labels = np.repeat(np.arange(C), 3)
+    probs = np.eye(C)[labels] * 0.9 + 0.1 / C
+    m = classification_metrics(labels, probs, labels, labels)
+    assert m["image_accuracy"] == m["patch_accuracy"] == m["macro_auc"] == 1.0
+    assert m["confusion_matrix"] == (np.eye(C, dtype=int) * 3).tolist()
+    for name in CLASSES:
+        assert m["per_class"][name] == {"sensitivity": 1.0, "specificity": 1.0, "auc": 1.0, "n": 3}
+
+
+def synthetic_results(
+    n: int = 12, grid: tuple[int, int] = (3, 3), size: int = 32, seed: int = 0, labelled=True
+) -> tuple[list[ImageResult], dict[str, np.ndarray]]:
+    """``n`` images with patch probabilities, features and patches, then one failed file."""
+    rng = np.random.default_rng(seed)
+    rows, cols = grid
+    positions = np.array([(r, c) for r in range(rows) for c in range(cols)])
+    results, store = [], {}
+    for i in range(n):
+        label = i % C
+        image_id = f"{CLASSES[label]}/img{i:03d}"
+        patch_probs = noisy_probs(np.full(len(positions), label), rng, signal=1.0)
+        tissue = rng.uniform(0.2, 1, len(positions))
+        tissue[0] = 0.01  # one background patch per image
+        features = rng.normal(size=(len(positions), 16)) + 3 * np.eye(16)[label]
+        base = np.array([200, 120, 180]) - 30 * label
+        store[image_id] = np.clip(
+            base + rng.integers(-40, 40, size=(len(positions), size, size, 3)), 0, 255
+        ).astype(np.uint8)
+        results.append(
+            ImageResult(
+                image_id=image_id,
+                path=f"/data/{image_id}.tif",
+                label=label if labelled else None,
+                probs=patch_probs[tissue >= 0.05].mean(axis=0),
+                patch_probs=patch_probs,
+                positions=positions,
+                tissue=tissue,
+                features=features,
+                attention=rng.dirichlet(np.ones(len(positions))) if i % 2 else None,
+            )
+        )
+    results.append(
+        ImageResult(
+            image_id="Benign/broken",
+            path="/data/Benign/broken.tif",
+            label=1 if labelled else None,
+            probs=None,
+            patch_probs=None,
+            positions=None,
+            tissue=None,
+            error="unreadable: truncated TIFF",
+        )
+    )
+    return results, store
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory):
+    results, store = synthetic_results()
+    out = tmp_path_factory.mktemp("report")
+    return write_report(out, results, patches=store.__getitem__, n_examples=3), results
+
+
+def test_report_metrics_equal_classification_metrics(report) -> None:
+    rep, results = report
+    ok = [r for r in results if r.error is None]
+    patch_labels = np.concatenate([np.full((r.tissue >= 0.05).sum(), r.label) for r in ok])
+    patch_preds = np.concatenate([r.patch_probs[r.tissue >= 0.05].argmax(axis=1) for r in ok])
+    expected = classification_metrics(
+        np.array([r.label for r in ok]), np.stack([r.probs for r in ok]), patch_labels, patch_preds
+    )
+    saved = json.loads((rep.out_dir / "metrics.json").read_text())
+    assert saved == rep.metrics == expected | {"n_errors": 1}
+    assert saved["n_images"] == 12 and saved["n_patches"] == 12 * 8
+    assert rep.misclassified == [r.image_id for r in ok if r.predicted != r.label]
+
+
+def test_predictions_csv(report) -> None:
+    rep, results = report
+    with rep.predictions_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [
+        "image_id", "path", "label", "predicted",
+        "prob_Normal", "prob_Benign", "prob_InSitu", "prob_Invasive", "error",
+    ]  # fmt: skip
+    assert [row["image_id"] for row in rows] == [r.image_id for r in results]
+    first = results[0]
+    assert rows[0]["label"] == "Normal" and rows[0]["predicted"] == CLASSES[first.predicted]
+    assert rows[0]["prob_Invasive"] == f"{first.probs[3]:.4f}" and rows[0]["error"] == ""
+    assert rows[-1]["error"] == "unreadable: truncated TIFF"
+    assert rows[-1]["label"] == "Benign" and rows[-1]["predicted"] == rows[-1]["prob_Normal"] == ""
+
+
+def test_figures_are_real_pngs(report) -> None:
+    rep, results = report
+    ok = [r for r in results if r.error is None]
+    wrong = [r.image_id for r in ok if r.predicted != r.label]
+    heatmap_ids = (wrong + [r.image_id for r in ok if r.image_id not in wrong])[:3]
+    assert set(rep.figures) == {"confusion_matrix", "roc", "tsne", "patch_grid"} | {
+        f"heatmap/{i}" for i in heatmap_ids
+    }
+    assert rep.figures["roc"] == rep.out_dir / "roc.png"
+    assert rep.figures[f"heatmap/{heatmap_ids[0]}"].name.startswith("heatmap_")
+    for path in rep.figures.values():
+        assert path.parent == rep.out_dir
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 300
+            im.load()
+
+
+def test_html_is_self_contained(report) -> None:
+    rep, _ = report
+    page = rep.html.read_text()
+    accuracy = f"{rep.metrics['image_accuracy']:.3f}"
+    assert f'<td class="num">{accuracy}</td>' in page
+    assert "Benign/broken" in page and "unreadable: truncated TIFF" in page
+    assert page.count("data:image/png;base64,") == len(rep.figures)
+    assert len(re.findall(r"<img ", page)) == len(rep.figures)
+    assert 'src="http' not in page and 'href="http' not in page and "<link" not in page
+    assert "imagesLoaded" in page
+
+
+def test_html_escapes_text(tmp_path: Path) -> None:
+    results, _ = synthetic_results(n=4)
+    results[-1].error = "<script>alert(1)</script>"
+    page = write_report(tmp_path, results).html.read_text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)" in page
+
+
+def test_no_labels_gives_predictions_but_no_metrics(tmp_path: Path) -> None:
+    results, store = synthetic_results(n=4, labelled=False)
+    loads = []
+    rep = write_report(
+        tmp_path, results, patches=lambda i: loads.append(i) or store[i], n_examples=1
+    )
+    assert loads == [results[0].image_id]  # patch grid and heatmap share one load
+    assert rep.metrics is None and not (tmp_path / "metrics.json").exists()
+    assert rep.misclassified == []
+    assert set(rep.figures) == {"tsne", "patch_grid", f"heatmap/{results[0].image_id}"}
+    with rep.predictions_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(row["label"] == "" for row in rows)
+    assert rows[0]["predicted"] == CLASSES[results[0].predicted]
+    page = rep.html.read_text()
+    assert "No labels" in page and "Misclassified" not in page and results[0].image_id in page

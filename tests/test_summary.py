@@ -1,0 +1,159 @@
+"""Summaries of a multirun dir: per-job table, mean ± std per group, failed jobs with logs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from breastnet.summary import log_to_wandb, main, summarize
+
+from conftest import ROOT
+
+# (overrides, metrics) per job; job 3 failed: no metrics.json, only the end of its log.
+JOBS = [
+    (
+        ["image_model=bilstm", "data.fold=0", "seed=1"],
+        {"image/test_acc": 0.6, "image/val_acc_best": 0.7, "eval/per_class": {"Normal": 1.0}},
+    ),
+    (
+        ["image_model=bilstm", "data.fold=1", "seed=1"],
+        {"image/test_acc": 0.8, "image/val_acc_best": 0.75, "note": "x", "flag": True},
+    ),
+    (["image_model=mean", "data.fold=0", "seed=1"], {"image/test_acc": 0.5, "n_images": 40}),
+    (["image_model=mean", "data.fold=1", "seed=1"], None),
+]
+LOG = [f"[2026-01-01 00:00:{i:02d}][breastnet.cli][INFO] - line {i}" for i in range(30)]
+
+
+def write_job(job_dir: Path, overrides: list[str], metrics: dict | None, **hydra: dict) -> None:
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    for name, content in hydra.items():
+        (job_dir / ".hydra" / f"{name}.yaml").write_text(yaml.safe_dump(content))
+    if metrics is None:
+        (job_dir / "cli.log").write_text("\n".join([*LOG, "ValueError: fold 1 broke"]) + "\n")
+    else:
+        (job_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    sweep_dir = tmp_path / "sweep"
+    for num, (overrides, metrics) in enumerate(JOBS):
+        write_job(sweep_dir / str(num), overrides, metrics)
+    (sweep_dir / ".submitit").mkdir()  # not a job
+    (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
+    return sweep_dir
+
+
+def test_one_group(sweep: Path) -> None:
+    summary = summarize(sweep)
+    assert json.loads((sweep / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert [j["num"] for j in summary["jobs"]] == [0, 1, 2, 3]
+    assert [j["status"] for j in summary["jobs"]] == ["ok", "ok", "ok", "failed"]
+    assert summary["jobs"][1]["overrides"] == {
+        "image_model": "bilstm",
+        "data.fold": "1",
+        "seed": "1",
+    }
+    assert summary["varying"] == ["image_model", "data.fold"]  # seed is the same everywhere
+    failed = summary["jobs"][3]
+    assert failed["log_tail"] == [*LOG[-19:], "ValueError: fold 1 broke"]
+
+    (group,) = summary["groups"]
+    assert (group["name"], group["n_jobs"], group["n_failed"]) == ("all", 4, 1)
+    test_acc = [0.6, 0.8, 0.5]
+    assert group["metrics"]["image/test_acc"] == pytest.approx(
+        {"mean": np.mean(test_acc), "std": np.std(test_acc), "n": 3}
+    )
+    assert group["metrics"]["image/val_acc_best"] == pytest.approx(
+        {"mean": 0.725, "std": 0.025, "n": 2}
+    )
+    assert group["metrics"]["n_images"] == {"mean": 40.0, "std": 0.0, "n": 1}
+    # dicts, strings and booleans are not numbers
+    assert set(group["metrics"]) == {"image/test_acc", "image/val_acc_best", "n_images"}
+
+    md = (sweep / "summary.md").read_text()
+    assert "4 jobs: 3 finished, 1 failed." in md
+    header = "| job | status | image_model | data.fold | image/test_acc | image/val_acc_best |"
+    assert header in md
+    assert "| 1 | ok | bilstm | 1 | 0.8 | 0.75 | — |" in md
+    assert "| 3 | failed | mean | 1 | — | — | — |" in md
+    assert "| all | 3 (+1 failed) | 0.6333 ± 0.1247 | 0.725 ± 0.025 | 40 ± 0 |" in md
+    assert "### Job 3: image_model=mean data.fold=1 seed=1" in md
+    assert "ValueError: fold 1 broke" in md and LOG[10] not in md
+
+
+def test_group_by(sweep: Path) -> None:
+    groups = {g["name"]: g for g in summarize(sweep, ["image_model"])["groups"]}
+    assert list(groups) == ["image_model=bilstm", "image_model=mean"]
+    bilstm, mean = groups["image_model=bilstm"], groups["image_model=mean"]
+    assert bilstm["settings"] == {"image_model": "bilstm"}
+    assert bilstm["metrics"]["image/test_acc"] == pytest.approx({"mean": 0.7, "std": 0.1, "n": 2})
+    assert (mean["n_jobs"], mean["n_failed"]) == (2, 1)
+    assert mean["metrics"]["image/test_acc"] == {"mean": 0.5, "std": 0.0, "n": 1}
+    md = (sweep / "summary.md").read_text()
+    assert "| image_model | jobs | image/test_acc |" in md
+    assert "| bilstm | 2 | 0.7 ± 0.1 |" in md
+    assert "| mean | 1 (+1 failed) | 0.5 ± 0 |" in md
+
+
+def test_group_by_a_default(tmp_path: Path) -> None:
+    """A key left at its default groups by the job's config choice or value."""
+    for fold in range(2):
+        write_job(
+            tmp_path / str(fold),
+            [f"data.fold={fold}"],
+            {"acc": 0.5 + fold / 10},
+            hydra={"hydra": {"runtime": {"choices": {"image_model": "bilstm"}}}},
+            config={"data": {"fold": fold, "folds": 2}},
+        )
+    summary = summarize(tmp_path, ["image_model", "data.folds"])
+    (group,) = summary["groups"]
+    assert group["settings"] == {"image_model": "bilstm", "data.folds": "2"}
+    assert group["metrics"]["acc"] == pytest.approx({"mean": 0.55, "std": 0.05, "n": 2})
+
+
+def test_no_jobs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no job dirs"):
+        summarize(tmp_path)
+
+
+def test_cli_prints_chosen_metrics(sweep: Path, capsys: pytest.CaptureFixture) -> None:
+    main([str(sweep), "--group-by", "image_model", "--metrics", "image/val_acc_best"])
+    out = capsys.readouterr().out
+    assert out == (sweep / "summary.md").read_text()
+    assert "| image_model | jobs | image/val_acc_best |" in out
+    assert "| bilstm | 2 | 0.725 ± 0.025 |" in out and "image/test_acc" not in out
+
+
+def test_aggregators_script(sweep: Path) -> None:
+    """experiments/aggregators/summarize.py (the command in its RESULTS.md) still works."""
+    script = ROOT / "experiments" / "aggregators" / "summarize.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(sweep)], capture_output=True, text=True, check=True
+    ).stdout
+    assert (
+        "| image_model | jobs | image/test_acc | image/val_acc_best | features/patch_acc_test |"
+        in out
+    )
+    assert "| bilstm | 2 | 0.7 ± 0.1 | 0.725 ± 0.025 | — |" in out
+
+
+def test_wandb_summary_run(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log_to_wandb(summarize(sweep, ["image_model"]), sweep, group="cv-test")
+    (run_dir,) = (sweep / "wandb").glob("offline-run-*")
+    (table,) = (run_dir / "files" / "media" / "table").glob("jobs_*.table.json")
+    jobs = json.loads(table.read_text())
+    assert jobs["columns"][:4] == ["job", "status", "image_model", "data.fold"]
+    assert [row[1] for row in jobs["data"]] == ["ok", "ok", "ok", "failed"]
+    records = next(run_dir.glob("*.wandb")).read_bytes()
+    for text in ("cv-test", "summary", "image_model=bilstm/image/test_acc/mean"):
+        assert text.encode() in records
