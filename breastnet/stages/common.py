@@ -56,6 +56,22 @@ class EpochSeed(pl.Callback):
         pl.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
 
 
+class LogConfig(pl.Callback):
+    """Log the whole resolved config (not only the model's hyperparameters) when a fit starts.
+
+    Done in the process that trains: under ``ddp_spawn`` a logger first used in the launching
+    process is copied into the workers half set up (the CSV logger then loses its header).
+    """
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self.config)
+
+
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -72,7 +88,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides: An
         overrides["strategy"] = "ddp_spawn"
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:
-        logger.log_hyperparams(container(cfg))  # the whole resolved config, not only the model's
+        callbacks = [*callbacks, LogConfig(container(cfg))]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **overrides)
 
 
