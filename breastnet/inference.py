@@ -5,12 +5,15 @@ at prepare time, the tiling, the patch CNN (or, end to end, the image model's ow
 image model. A new image goes through exactly the steps a training image went through.
 """
 
+from functools import cached_property
+
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from breastnet.data.datamodule import BreastDataModule, pad_collate
 from breastnet.data.store import normalise_and_tile, tissue_fraction
+from breastnet.models.backbone import Backbone
 from breastnet.reporting import ImageResult
 from breastnet.stages import features, image
 
@@ -25,12 +28,9 @@ class TrainedPipeline:
     """
 
     def __init__(self, cfg: DictConfig, datamodule: BreastDataModule) -> None:
+        self.cfg, self.datamodule = cfg, datamodule
         self.image_model = image.load_model(cfg, datamodule)
         self.end_to_end = self.image_model.backbone is not None
-        if self.end_to_end:
-            self.net = self.image_model.backbone
-        else:
-            self.net = features.load_patch_model(cfg, datamodule).net
         self.device = next(self.image_model.parameters(), torch.empty(0)).device
         self.normalizer = datamodule.stain.normalizer()
         self.tiling = datamodule.tiling
@@ -38,6 +38,14 @@ class TrainedPipeline:
         # features stage made (its TTA setting).
         self.tta = cfg.features.tta and not self.end_to_end
         self.batch_size = cfg.features.batch_size
+
+    @cached_property
+    def net(self) -> Backbone:
+        """The CNN that embeds patches: the image model's own end to end, else the patch
+        model's (loaded on first use: evaluate on cached features never needs it)."""
+        if self.end_to_end:
+            return self.image_model.backbone
+        return features.load_patch_model(self.cfg, self.datamodule).net
 
     def tile(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of an RGB image."""

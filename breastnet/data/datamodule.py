@@ -224,8 +224,7 @@ class BreastDataModule(pl.LightningDataModule):
         self.split: dict[str, list[str]] = {}
         self.split_path: Path | None = None
         self.records: dict[str, dict] = {}
-        self.reference: StainReference | None = None
-        self.stain = StainSettings()
+        self.stain = StainSettings()  # the fitted Macenko reference and solver settings
         self.cache: PatchCache | None = None
         self.features: dict | None = None
 
@@ -304,9 +303,9 @@ class BreastDataModule(pl.LightningDataModule):
         self.split, self.split_path = load_or_make_split(
             self.work_dir, entries, tuple(hp.split), hp.folds, hp.fold, hp.seed
         )
-        self.reference, reference_key = self._reference(entries, build)
+        reference, reference_key = self._reference(entries, build)
         self.stain = stain = StainSettings(
-            self.reference,
+            reference,
             **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
         )
         key = config_hash({"tiling": vars(self.tiling), "stain": reference_key})
@@ -395,10 +394,11 @@ class BreastDataModule(pl.LightningDataModule):
     def _augment_kwargs(self) -> dict:
         augment = self.hparams.augment
         jitter = augment.get("he_jitter")
-        if jitter and self.reference is None:
+        reference = self.stain.reference
+        if jitter and reference is None:
             log.warning("augment.he_jitter needs stain normalisation (stain=macenko): not applied")
         return {
-            "stain_matrix": self.reference.stain_matrix if self.reference else None,
+            "stain_matrix": reference.stain_matrix if reference else None,
             "he_jitter": tuple(jitter) if jitter else None,
             "rot90": augment.get("rot90", False),
             "flip": augment.get("flip", False),
