@@ -175,6 +175,9 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # Offline model artifacts are staged in WANDB_DATA_DIR (~/.local/share/wandb by default).
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     output = tmp_path / "hydra-run"
     cfg = cfg_for(
         trained,
@@ -192,6 +195,8 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
     (run_dir,) = (output / "wandb").glob("offline-run-*")
     history, summary, config, artifacts = read_wandb_run(run_dir)
     assert "model" in artifacts  # the image model's checkpoints
+    staged = [f for f in (tmp_path / "wandb-data").rglob("*") if f.is_file()]
+    assert staged  # the checkpoint copies wait there for `wandb sync`, not in the home dir
     assert summary["eval/image_accuracy"] == pytest.approx(metrics["eval/image_accuracy"])
     assert "train/loss" in history and "val/acc" in history and "test/acc" in history
     images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
