@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from breastnet.data.datamodule import BreastDataModule, pad_collate
-from breastnet.data.store import normalise_and_tile, tissue_fraction
+from breastnet.data.store import normalise_and_tile
 from breastnet.models.backbone import Backbone
 from breastnet.reporting import ImageResult
 from breastnet.stages import features, image
@@ -78,12 +78,13 @@ class TrainedPipeline:
         image_id: str,
         path: str,
         label: int | None,
-        patches: np.ndarray,
         positions: np.ndarray,
+        tissue: np.ndarray,
+        patches: np.ndarray | None = None,
         cached: dict | None = None,
     ) -> ImageResult:
-        """Everything the report needs about one image; ``cached`` = its features-stage entry
-        (features and probabilities made at the features stage), else they are computed."""
+        """Everything the report needs about one image, from its features-stage entry
+        (``cached``: features and probabilities made once) or else by embedding ``patches``."""
         if cached is None:
             feats, probs = self.embed(patches)
         else:
@@ -96,7 +97,7 @@ class TrainedPipeline:
             probs=image_probs,
             patch_probs=probs.numpy(),
             positions=np.asarray(positions),
-            tissue=tissue_fraction(patches),
+            tissue=np.asarray(tissue),
             features=feats.numpy(),
             attention=attention,
         )

@@ -54,16 +54,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     entries = {e.image_id: e for e in datamodule.entries}
     results = []
     for image_id in tqdm(ids, desc=f"evaluate {split}", unit="img"):
-        patches = np.asarray(datamodule.cache.load(image_id))
-        record = datamodule.records[image_id]
+        record = datamodule.records[image_id]  # grid positions and tissue, from prepare
+        saved_outputs = cached.get(image_id)
         results.append(
             pipeline.result(
                 image_id,
                 entries[image_id].path,
                 entries[image_id].label_index,
-                patches,
                 np.asarray(record["positions"]),
-                cached.get(image_id),
+                np.asarray(record["tissue"]),
+                # End to end there are no cached features: the image model's CNN embeds.
+                None if saved_outputs else np.asarray(datamodule.cache.load(image_id)),
+                saved_outputs,
             )
         )
     model_dir = image.artifact_dir(cfg, datamodule)

@@ -26,6 +26,7 @@ from breastnet.data.bach import (
     read_rgb,
 )
 from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.store import tissue_fraction
 from breastnet.inference import TrainedPipeline
 from breastnet.reporting import ImageResult, write_report
 from breastnet.stages.evaluate import summary_metrics
@@ -79,7 +80,9 @@ def predict_file(
             tissue=None,
             error=message,
         )
-    return pipeline.result(image_id, str(path), label_index, patches, positions)
+    return pipeline.result(
+        image_id, str(path), label_index, positions, tissue_fraction(patches), patches
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
