@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def wandb_records(path: Path) -> Iterator[bytes]:
             pos += room
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        parts += data[pos + 7 : pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
+        assert int.from_bytes(data[pos : pos + 4], "little") == zlib.crc32(bytes([kind]) + chunk)
+        parts += chunk
         pos += 7 + length
         if kind in (1, 4):  # full or last
             yield parts
@@ -149,11 +152,12 @@ def wandb_records(path: Path) -> Iterator[bytes]:
 
 
 def read_wandb_run(run_dir: Path) -> tuple[dict, dict, dict, list]:
-    """History (last value per key), summary, config and artifact types of an offline run."""
+    """History (last value per key), summary, config and artifact types of a finished
+    offline run (its ``exit`` record written)."""
     from wandb.proto import wandb_internal_pb2
 
     found: dict[str, dict] = {"history": {}, "summary": {}, "config": {}}
-    artifacts = []
+    artifacts, kind = [], None
     (log,) = run_dir.glob("*.wandb")
     for data in wandb_records(log):
         record = wandb_internal_pb2.Record()
@@ -167,6 +171,7 @@ def read_wandb_run(run_dir: Path) -> tuple[dict, dict, dict, list]:
             for item in items:
                 key = item.key or "/".join(item.nested_key)
                 found[kind][key] = json.loads(item.value_json)
+    assert kind == "exit", f"{log} ends before the run's exit record"
     return found["history"], found["summary"], found["config"], artifacts
 
 
@@ -186,12 +191,17 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
         "image_model.max_epochs=4",  # a new image model: the Trainer logs its curves too
         f"paths.output_dir={output}",
     )
+    import wandb
+
     from breastnet import tracking
 
     try:
         metrics = run_stages(cfg)
     finally:
         tracking.finish()
+        # The W&B service may still be writing the run's file when finish() returns;
+        # shutting it down closes the file (a later wandb.init starts a new service).
+        wandb.teardown()
     (run_dir,) = (output / "wandb").glob("offline-run-*")
     history, summary, config, artifacts = read_wandb_run(run_dir)
     assert "model" in artifacts  # the image model's checkpoints

@@ -145,10 +145,11 @@ def test_aggregators_script(sweep: Path) -> None:
 
 
 def test_wandb_summary_run(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     log_to_wandb(summarize(sweep, ["image_model"]), sweep, group="cv-test")
+    wandb.teardown()  # the service may still be writing the run's file until it stops
     (run_dir,) = (sweep / "wandb").glob("offline-run-*")
     (table,) = (run_dir / "files" / "media" / "table").glob("jobs_*.table.json")
     jobs = json.loads(table.read_text())
