@@ -4,6 +4,10 @@ patch probabilities. Same images, tiles and splits as the pipeline (the split fi
 work_dir), so its numbers sit in the same table as ``experiment=bach_cpu``.
 
     python experiments/bach_cpu/baseline_frozen.py --work-dir /tmp/bc/work --folds 5
+
+``--tile``/``--size`` and ``--stain-reference`` (the Macenko reference prepare wrote to
+``work_dir/stain/``) turn it into a probe of which tile scale and colour handling carry the
+signal, without any training.
 """
 
 import argparse
@@ -20,7 +24,8 @@ from tqdm import tqdm
 
 from breastnet.data.bach import build_index, read_index, read_rgb
 from breastnet.data.splits import load_or_make_split
-from breastnet.data.tiling import tile_image
+from breastnet.data.stain import MacenkoNormalizer, StainReference
+from breastnet.data.store import Tiling, normalise_and_tile
 from breastnet.models.backbone import build_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +37,14 @@ WEIGHTS = os.environ.get(
 
 
 @torch.no_grad()
-def tile_features(entries: list, weights: str, tile: int, size: int) -> dict[str, np.ndarray]:
-    """Pooled features [N, 1280] of every image's tiles (raw colours), by image id."""
+def tile_features(
+    entries: list, weights: str, tiling: Tiling, normalizer: MacenkoNormalizer | None
+) -> dict[str, np.ndarray]:
+    """Pooled features [N, 1280] of every image's tiles, by image id."""
     net = build_backbone("mobilenet_v2", weights=weights, freeze_bn=True).eval()
     out = {}
     for e in tqdm(entries, desc="frozen features", unit="img"):
-        patches, _ = tile_image(read_rgb(e.path)[0], tile, tile, size)
+        patches, _ = normalise_and_tile(read_rgb(e.path)[0], tiling, normalizer)
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, 1)))
         out[e.image_id] = net.forward_features(net.normalize(x)).numpy()
     return out
@@ -67,7 +74,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2019)
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument(
+        "--stain-reference",
+        type=Path,
+        help="Macenko-normalise with this reference (work_dir/stain/<hash>.json); default: raw",
+    )
     args = parser.parse_args()
+    normalizer = None
+    if args.stain_reference is not None:
+        reference = json.loads(args.stain_reference.read_text())["reference"]
+        normalizer = MacenkoNormalizer.from_reference(StainReference.from_dict(reference))
 
     index = args.work_dir / "index.csv"
     previous = read_index(index) if index.is_file() else None
@@ -75,7 +91,8 @@ def main() -> None:
         e for e in build_index(args.data, min_size=args.tile, previous=previous) if e.usable
     ]
     labels = {e.image_id: e.label_index for e in entries}
-    feats = tile_features(entries, args.weights, args.tile, args.size)
+    tiling = Tiling(tile_size=args.tile, stride=args.tile, patch_size=args.size)
+    feats = tile_features(entries, args.weights, tiling, normalizer)
     results = {"holdout": evaluate(load_or_make_split(args.work_dir, entries)[0], feats, labels)}
     for fold in range(args.folds):
         split, _ = load_or_make_split(args.work_dir, entries, folds=args.folds, fold=fold)
