@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from breastnet import tracking
+from breastnet import distributed, tracking
 from breastnet.artifacts import write_json
 
 log = logging.getLogger(__name__)
@@ -22,11 +22,15 @@ PIPELINE = ("prepare", "patch", "features", "image", "evaluate", "predict")
 
 
 def run_stages(cfg: DictConfig) -> dict[str, float]:
-    """Run ``cfg.stages`` in pipeline order; returns every stage's metrics, merged."""
+    """Run ``cfg.stages`` in pipeline order on every rank; returns every stage's metrics.
+
+    Each stage is seeded with ``seed`` + its place in the pipeline, so a stage run alone draws
+    what it draws inside the whole pipeline; every rank waits for the others after each stage.
+    """
     unknown = [s for s in cfg.stages if s not in PIPELINE]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    distributed.launch(cfg)
     metrics: dict[str, float] = {}
     for name in (s for s in PIPELINE if s in cfg.stages):
         try:
@@ -36,7 +40,9 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
                 raise
             raise ValueError(f"stage {name!r} is not available in this version") from e
         log.info("stage %s", name)
+        pl.seed_everything(cfg.seed + PIPELINE.index(name), workers=True, verbose=False)
         metrics |= stage.run(cfg)
+        distributed.barrier()
     for key, value in metrics.items():
         log.info("%s: %s", key, value)
     return metrics
@@ -54,5 +60,6 @@ def main(cfg: DictConfig) -> float | None:
         raise
     finally:
         tracking.finish()  # one W&B run per job, also for sweep jobs sharing this process
-    write_json(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
+    if distributed.rank() == 0:
+        write_json(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None

@@ -1,103 +1,129 @@
-"""The trained pipeline of one config, applied to images: what evaluate and predict share.
+"""The trained models of one config, and new image files made ready for them.
 
-Everything comes from ``work_dir`` as the earlier stages left it: the Macenko reference fitted
-at prepare time, the tiling, the patch CNN (or, end to end, the image model's own CNN) and the
-image model. A new image goes through exactly the steps a training image went through.
+Everything comes from ``work_dir`` as the earlier stages left it (``breastnet.lineage`` says
+where): the patch CNN, the image model and, for new files, the Macenko reference and tiling
+of prepare. A new image goes through exactly the steps a training image went through, in
+DataLoader workers, and ``breastnet.prediction`` runs the models on every rank.
 """
 
-from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
-from breastnet.data.datamodule import BreastDataModule, pad_collate
-from breastnet.data.store import normalise_and_tile
+from breastnet.data.bach import DataError, read_rgb
+from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
+from breastnet.lineage import Lineage, container
 from breastnet.models.backbone import Backbone
+from breastnet.models.embedding import Embedder
+from breastnet.models.image_classifier import ImageClassifier
+from breastnet.models.patch_classifier import PatchClassifier
 from breastnet.reporting import ImageResult
-from breastnet.stages import features, image
+
+# Keys of conf/image_model that the image stage reads; the rest builds the LightningModule.
+IMAGE_STAGE_KEYS = ("max_epochs", "batch_size", "end_to_end")
 
 
-class TrainedPipeline:
-    """Stain normaliser, tiling, patch CNN and image model, as trained for ``cfg``.
+def _finished(out_dir: Path, stage: str) -> Path:
+    if not (out_dir / "DONE").is_file():
+        raise FileNotFoundError(
+            f"no finished {stage} model in {out_dir}: run the {stage} stage first"
+        )
+    return out_dir / "best.ckpt"
 
-    Args:
-        cfg: the composed config the models were trained with.
-        datamodule: a set-up ``BreastDataModule`` of that config (it knows the cache, split
-            and stain reference, and so the artifact hashes).
+
+def load_patch_model(cfg: DictConfig, lineage: Lineage) -> PatchClassifier:
+    """The best checkpoint of the patch stage for this config, on the CPU, in eval mode."""
+    checkpoint = _finished(lineage.patch, "patch")
+    net = instantiate(cfg.patch_model.net, weights="none")  # the checkpoint holds the weights
+    model = PatchClassifier.load_from_checkpoint(
+        checkpoint, net=net, map_location="cpu", weights_only=False
+    )
+    return model.eval()
+
+
+def build_image_model(
+    cfg: DictConfig, feature_dim: int, backbone: Backbone | None = None
+) -> ImageClassifier:
+    """The ImageClassifier of ``cfg.image_model`` for features of width ``feature_dim``."""
+    settings = {k: v for k, v in container(cfg.image_model).items() if k not in IMAGE_STAGE_KEYS}
+    settings["aggregator"]["feature_dim"] = feature_dim
+    return instantiate(OmegaConf.create(settings), backbone=backbone)
+
+
+def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
+    """The best checkpoint of the image stage for this config, on the CPU, in eval mode."""
+    checkpoint = _finished(lineage.image, "image")
+    # The patch CNN's width sizes the aggregator; end to end, the CNN is part of the model.
+    net: Backbone = instantiate(cfg.patch_model.net, weights="none")
+    model = build_image_model(cfg, net.feature_dim, net if cfg.image_model.end_to_end else None)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def image_embedder(cfg: DictConfig, lineage: Lineage, image_model: ImageClassifier) -> Embedder:
+    """Patches to image probabilities: end to end with the image model's own CNN (single
+    views, as it learnt), else with the patch model's and the features stage's TTA setting."""
+    chunk = cfg.features.batch_size
+    if image_model.backbone is not None:
+        return Embedder(image_model.backbone, image_model.aggregator, chunk)
+    net = load_patch_model(cfg, lineage).net
+    return Embedder(net, image_model.aggregator, chunk, tta=cfg.features.tta)
+
+
+class ImageFiles(Dataset):
+    """Image files decoded, stain-normalised and tiled (in DataLoader workers), for predict.
+
+    A file that cannot be used yields no patches and its ``error``; the others go on.
     """
 
-    def __init__(self, cfg: DictConfig, datamodule: BreastDataModule) -> None:
-        self.cfg, self.datamodule = cfg, datamodule
-        self.image_model = image.load_model(cfg, datamodule)
-        self.end_to_end = self.image_model.backbone is not None
-        self.device = next(self.image_model.parameters(), torch.empty(0)).device
-        self.normalizer = datamodule.stain.normalizer()
-        self.tiling = datamodule.tiling
-        # End to end the model learnt from single views; on cached features, from what the
-        # features stage made (its TTA setting).
-        self.tta = cfg.features.tta and not self.end_to_end
-        self.batch_size = cfg.features.batch_size
+    def __init__(
+        self, files: list[Path], root: Path, tiling: Tiling, stain: StainSettings
+    ) -> None:
+        self.files, self.root, self.tiling, self.stain = files, root, tiling, stain
+        self.image_ids = [f.relative_to(root).with_suffix("").as_posix() for f in files]
 
-    @cached_property
-    def net(self) -> Backbone:
-        """The CNN that embeds patches: the image model's own end to end, else the patch
-        model's (loaded on first use: evaluate on cached features never needs it)."""
-        if self.end_to_end:
-            return self.image_model.backbone
-        return features.load_patch_model(self.cfg, self.datamodule).net
+    def __len__(self) -> int:
+        return len(self.files)
 
-    def tile(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of an RGB image."""
-        return normalise_and_tile(rgb, self.tiling, self.normalizer)
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path, size = self.files[i], self.tiling.patch_size
+        sample: dict[str, Any] = {"image_id": self.image_ids[i], "y": -1}
+        try:
+            rgb, _ = read_rgb(path)
+            patches, positions = normalise_and_tile(rgb, self.tiling, self.stain.normalizer())
+        except (DataError, ValueError) as e:
+            sample["error"] = str(e) if str(path) in str(e) else f"{path}: {e}"
+            patches, positions = np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), int)
+        sample["x"] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, 1)))
+        sample["pos"] = torch.as_tensor(positions)
+        sample["tissue"] = torch.as_tensor(tissue_fraction(patches) if len(patches) else [])
+        return sample
 
-    def embed(self, patches: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [N, D] and class probabilities [N, C] of patches [N, S, S, 3] uint8."""
-        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, 1)))
-        return features.embed(self.net.eval(), x, self.batch_size, self.tta)
 
-    @torch.no_grad()
-    def classify(
-        self, feats: torch.Tensor, probs: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image class probabilities [C] and attention [N] (or None) from patch outputs."""
-        batch = pad_collate(
-            [{"x": feats, "probs": probs, "pos": positions, "y": -1, "image_id": ""}]
-        )
-        out = self.image_model.aggregator(
-            *(batch[k].to(self.device) for k in ("x", "mask", "pos", "probs"))
-        )
-        attention = out.get("attention")
-        return (
-            out["logits"].softmax(1)[0].cpu().numpy(),
-            None if attention is None else attention[0].cpu().numpy(),
-        )
-
-    def result(
-        self,
-        image_id: str,
-        path: str,
-        label: int | None,
-        positions: np.ndarray,
-        tissue: np.ndarray,
-        patches: np.ndarray | None = None,
-        cached: dict | None = None,
-    ) -> ImageResult:
-        """Everything the report needs about one image, from its features-stage entry
-        (``cached``: features and probabilities made once) or else by embedding ``patches``."""
-        if cached is None:
-            feats, probs = self.embed(patches)
-        else:
-            feats, probs = cached["features"], cached["probs"]
-        image_probs, attention = self.classify(feats, probs, torch.as_tensor(positions))
+def image_result(
+    output: dict[str, Any], path: str, label: int | None, positions=None, tissue=None
+) -> ImageResult:
+    """The report's view of one image's ``Embedder`` output (positions and tissue from the
+    output unless given, as prepare's records give them)."""
+    if output.get("error"):
         return ImageResult(
-            image_id=image_id,
-            path=path,
-            label=label,
-            probs=image_probs,
-            patch_probs=probs.numpy(),
-            positions=np.asarray(positions),
-            tissue=np.asarray(tissue),
-            features=feats.numpy(),
-            attention=attention,
+            output["image_id"], path, label, None, None, None, None, error=output["error"]
         )
+    attention = output.get("attention")
+    return ImageResult(
+        image_id=output["image_id"],
+        path=path,
+        label=label,
+        probs=output["image_probs"].numpy(),
+        patch_probs=output["probs"].numpy(),
+        positions=np.asarray(output["pos"] if positions is None else positions),
+        tissue=np.asarray(output["tissue"] if tissue is None else tissue),
+        features=output["features"].numpy(),
+        attention=None if attention is None else attention.numpy(),
+    )

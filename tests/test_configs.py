@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
-from breastnet.stages.image import build_model
+from breastnet.inference import build_image_model
 
 from conftest import CONF, compose_config
 
@@ -38,7 +38,7 @@ def test_experiment_builds(
     assert isinstance(instantiate(cfg.data), BreastDataModule)
     assert not (tmp_path / "work").exists()  # building the DataModule reads and writes nothing
     assert isinstance(instantiate(cfg.patch_model), PatchClassifier)
-    assert isinstance(build_model(cfg, feature_dim=16), ImageClassifier)
+    assert isinstance(build_image_model(cfg, feature_dim=16), ImageClassifier)
 
 
 def _optuna_trials(params: list[str]) -> list[list[str]]:
@@ -84,4 +84,4 @@ def test_search_jobs_compose(search: str, tmp_path: Path, one_thread: None) -> N
         for key, value in settings.items():
             if key.startswith("image_model."):
                 assert str(OmegaConf.select(job_cfg, key)) == str(value)
-        assert isinstance(build_model(job_cfg, feature_dim=16), ImageClassifier)
+        assert isinstance(build_image_model(job_cfg, feature_dim=16), ImageClassifier)

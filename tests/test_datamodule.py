@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from breastnet.data import store
 from breastnet.data.bach import read_index
-from breastnet.data.datamodule import BreastDataModule, seed_worker
+from breastnet.data.datamodule import BreastDataModule, EpochShuffle
 from breastnet.data.synthetic import write_synthetic_dataset
-from breastnet.data.transforms import build_transforms
 
 STAIN = {"method": "macenko", "reference": "auto", "solver": "lstsq"}
 STAIN |= {"luminosity_threshold": 0.8, "angular_percentile": 99}
@@ -53,7 +52,7 @@ def test_prepare_writes_index_split_reference_and_cache(make_dm) -> None:
     dm.prepare_data()
     dm.setup()
     work = dm.work_dir
-    assert len(read_index(work / "index.csv")) == 20
+    assert len(read_index(dm.index_path)) == 20 and dm.index_path.parent.name == "index"
     assert [len(dm.split[s]) for s in ("train", "val", "test")] == [12, 4, 4]
     assert len(list((work / "stain").glob("*.json"))) == 1
     assert len(dm.records) == 20
@@ -177,20 +176,33 @@ def test_setup_before_prepare_says_what_to_run(make_dm) -> None:
         make_dm().setup()
 
 
-class _SameImage(Dataset):
-    def __init__(self) -> None:
-        self.transform = build_transforms(True, None, None, rot90=True, flip=True, seed=0)
-        self.image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
-
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.transform(image=self.image)["image"].copy()
+def _epoch_batches(dm: BreastDataModule, epoch: int, loader: DataLoader) -> dict:
+    """What each patch drew in one epoch, by its index: ``{i: uint8 patch}``."""
+    sampler = loader.sampler
+    sampler.set_epoch(epoch)
+    order = [i for i, _ in sampler]
+    patches = torch.cat([b["x"] for b in loader])
+    return {i: p.numpy() for i, p in zip(order, patches, strict=True)}
 
 
-def test_workers_draw_different_augmentations() -> None:
-    loader = DataLoader(_SameImage(), batch_size=1, num_workers=2, worker_init_fn=seed_worker)
-    outputs = [b[0].numpy() for b in loader]
-    # Without seed_worker both workers copy one RNG and emit identical sequences.
-    assert any(not np.array_equal(a, b) for a, b in zip(outputs[0::2], outputs[1::2], strict=True))
+def test_augmentation_depends_on_seed_epoch_and_sample_only(make_dm) -> None:
+    """Workers (persistent or not) and ranks never change what a sample draws, so a resumed
+    run or another worker count sees the same augmented patches; epochs do change it."""
+    dm = make_dm()
+    dm.prepare_data()
+    dm.setup()
+    plain = dm.train_dataloader()
+    workers = make_dm(num_workers=2, persistent_workers=True)
+    workers.setup()
+    loader = workers.train_dataloader()
+    assert loader.persistent_workers
+    first = _epoch_batches(dm, 0, plain)
+    assert all(np.array_equal(first[i], p) for i, p in _epoch_batches(workers, 0, loader).items())
+    again = _epoch_batches(workers, 1, loader)
+    assert all(np.array_equal(again[i], p) for i, p in _epoch_batches(dm, 1, plain).items())
+    assert sum(not np.array_equal(first[i], again[i]) for i in first) > len(first) // 2
+    # Two ranks share one permutation: disjoint halves that cover every sample.
+    halves = [EpochShuffle(dm.datasets["train"], 2019, 3, 2, r) for r in (0, 1)]
+    seen = [[i for i, _ in h] for h in halves]
+    assert set(seen[0]) | set(seen[1]) == set(range(len(dm.datasets["train"])))
+    assert len(seen[0]) == len(seen[1])

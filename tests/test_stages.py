@@ -11,7 +11,7 @@ from test_cli import make_cfg
 from breastnet.cli import run_stages
 from breastnet.data.synthetic import write_synthetic_dataset
 from breastnet.stages import common, patch
-from breastnet.stages.common import EpochSeed
+from breastnet.trainer import EpochSeed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # steadier on a busy 2-core machine
 
@@ -67,20 +67,6 @@ def test_features_without_a_patch_model_says_what_to_run(demo: Path, tmp_path: P
     cfg = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "stages=[prepare,features]")
     with pytest.raises(FileNotFoundError, match="run the patch stage first"):
         run_stages(cfg)
-
-
-def test_learning_rate_changes_the_model_dir_not_the_cache(demo: Path, tmp_path: Path) -> None:
-    base = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "stages=[prepare]")
-    run_stages(base)
-    dm = instantiate(base.data, mode="patch")
-    dm.setup()
-    other = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "patch_model.optimizer.lr=0.5")
-    assert patch.artifact_dir(base, dm) != patch.artifact_dir(other, dm)
-    fold = make_cfg(tmp_path, *SMALL, f"data.data_dir={demo}", "data.folds=2", "data.fold=1")
-    fold_dm = instantiate(fold.data, mode="patch")
-    fold_dm.prepare_data()
-    assert fold_dm.cache.root == dm.cache.root  # folds share the cache
-    assert patch.artifact_dir(fold, fold_dm) != patch.artifact_dir(base, dm)
 
 
 class _StopAfterFirstEpoch(EpochSeed):

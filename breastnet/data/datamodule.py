@@ -8,7 +8,6 @@ of an image in grid order, padded to the longest image of the batch with a mask;
 ``features`` yields an image's cached CNN feature sequence (from the features stage).
 """
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,8 +18,10 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from breastnet import lineage
 from breastnet.artifacts import config_hash, write_json
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
@@ -40,7 +41,30 @@ def _to_tensor(patches: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, -3)))
 
 
-class PatchDataset(Dataset):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch (independent of worker and rank)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class _AugmentedDataset(Dataset):
+    """A dataset indexed by ``i`` or by ``(i, seed)``: the seed reseeds the transform first.
+
+    ``EpochShuffle`` hands out ``(i, seed)`` pairs, so what a sample draws is fixed by
+    (seed, epoch, i): the same in any DataLoader worker, persistent or not, on any rank, and
+    after a resume from ``last.ckpt``.
+    """
+
+    transform: Any = None
+
+    def _index(self, key: int | tuple[int, int]) -> int:
+        if isinstance(key, tuple):
+            key, seed = key
+            if self.transform is not None:
+                self.transform.set_random_seed(seed)
+        return key
+
+
+class PatchDataset(_AugmentedDataset):
     """One sample per tissue patch: ``{"x": uint8 [3, S, S], "y", "image_id", "pos"}``."""
 
     def __init__(
@@ -62,8 +86,8 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
-        image_id, k, pos = self.items[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        image_id, k, pos = self.items[self._index(key)]
         patch = self.transform(image=np.array(self.cache.load(image_id)[k]))["image"]
         return {
             "x": _to_tensor(patch),
@@ -73,7 +97,7 @@ class PatchDataset(Dataset):
         }
 
 
-class ImageDataset(Dataset):
+class ImageDataset(_AugmentedDataset):
     """One sample per image: all its patches in row-major grid order with their (row, col)."""
 
     def __init__(
@@ -84,8 +108,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        record = self.records[self._index(key)]
         patches = np.stack(
             [
                 self.transform(image=p)["image"]
@@ -103,11 +127,13 @@ class ImageDataset(Dataset):
 def pad_collate(samples: list[dict]) -> dict:
     """Batch variable-length sequences: pad every per-patch tensor, ``mask`` marks real patches.
 
-    Patch tensors (``x``, ``probs``) are padded with zeros, positions with -1.
+    Per-patch tensors (``x``, ``probs``, ``tissue``) are padded with zeros, positions with -1;
+    ``image_id`` (and ``error``, where a sample has one) become lists.
     """
     longest = max(len(s["x"]) for s in samples)
     batch: dict[str, Any] = {"mask": torch.zeros((len(samples), longest), dtype=torch.bool)}
-    for key in (k for k in ("x", "pos", "probs") if k in samples[0]):
+    padded = [k for k in ("x", "pos", "probs", "tissue") if k in samples[0]]
+    for key in padded:
         first = samples[0][key]
         batch[key] = torch.full(
             (len(samples), longest, *first.shape[1:]), -1 if key == "pos" else 0, dtype=first.dtype
@@ -115,15 +141,16 @@ def pad_collate(samples: list[dict]) -> dict:
     for b, s in enumerate(samples):
         n = len(s["x"])
         batch["mask"][b, :n] = True
-        for key in ("x", "pos", "probs"):
-            if key in batch:
-                batch[key][b, :n] = s[key]
+        for key in padded:
+            batch[key][b, :n] = s[key]
     batch["y"] = torch.tensor([s["y"] for s in samples])
     batch["image_id"] = [s["image_id"] for s in samples]
+    if any("error" in s for s in samples):
+        batch["error"] = [s.get("error") for s in samples]
     return batch
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset(_AugmentedDataset):
     """One sample per image: its cached CNN feature sequence and patch probabilities."""
 
     def __init__(self, images: Mapping[str, dict], image_ids: Sequence[str]) -> None:
@@ -132,7 +159,8 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i = self._index(key)
         image = self.images[self.image_ids[i]]
         return {
             "x": image["features"],  # N x D
@@ -143,44 +171,21 @@ class FeatureDataset(Dataset):
         }
 
 
-def seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream.
-
-    albumentations' Compose owns its RNG, which every forked worker would otherwise copy
-    verbatim (identical augmentations in every worker). Do not touch OpenCV's or OpenMP's
-    thread pools here: in a forked child, after the parent used them, that deadlocks.
-    """
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(info.seed % 2**32)
-
-
-class EpochShuffle(Sampler[int]):
-    """Shuffle, and seed the augmentations, from (seed, epoch) alone.
-
-    Lightning creates (and prefetches from) the train iterator before ``on_train_epoch_start``
-    when it resumes, but after it otherwise; seeding here, when the epoch is set, makes a run
-    resumed from ``last.ckpt`` draw exactly what an uninterrupted run draws.
+class EpochShuffle(DistributedSampler):
+    """One permutation per (seed, epoch), shared out over the ranks; each index comes with its
+    augmentation seed (``sample_seed``), so nothing a sample draws depends on the process that
+    loads it. On one process this is a plain seeded shuffle.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int = 0) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, None
-        self.generator = torch.Generator()  # DataLoader workers' base seed comes from it
+    def __init__(
+        self, dataset: Dataset, seed: int, epoch: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.set_epoch(epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch == self.epoch:  # Lightning sets it again after a resumed prefetch
-            return
-        self.epoch = epoch
-        self.generator.manual_seed(self.seed + epoch)
-        if (transform := getattr(self.dataset, "transform", None)) is not None:
-            transform.set_random_seed(self.seed + epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.dataset), generator=order).tolist()
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in super().__iter__():
+            yield i, sample_seed(self.seed, self.epoch, i)
 
 
 class BreastDataModule(pl.LightningDataModule):
@@ -218,7 +223,6 @@ class BreastDataModule(pl.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.work_dir = Path(work_dir).expanduser().resolve()
         self.tiling = Tiling(tile_size, stride, patch_size)
-        self.batch_size_per_device = batch_size
         self.datasets: dict[str, Dataset] = {}
         self.entries: list[IndexEntry] = []
         self.split: dict[str, list[str]] = {}
@@ -230,7 +234,20 @@ class BreastDataModule(pl.LightningDataModule):
 
     @property
     def index_path(self) -> Path:
-        return self.work_dir / "index.csv"
+        """This data set's index (one per data set: several share a work_dir)."""
+        return lineage.index_path(self.work_dir, self.data_dir, self.hparams.labels_csv)
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def batch_size_per_device(self) -> int:
+        """``batch_size`` is the global batch: each of the trainer's ranks takes its share."""
+        batch, world = self.hparams.batch_size, self.world_size
+        if batch % world:
+            raise ValueError(f"data.batch_size={batch} is not divisible by the {world} devices")
+        return batch // world
 
     # -- the long work, once ----------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -258,14 +275,6 @@ class BreastDataModule(pl.LightningDataModule):
                 "(python -m breastnet 'stages=[prepare]')"
             )
         self._locate(bach.read_index(self.index_path), build=False)
-        if self.trainer is not None:
-            world = self.trainer.world_size
-            if self.hparams.batch_size % world:
-                raise ValueError(
-                    f"data.batch_size={self.hparams.batch_size} is not divisible by the "
-                    f"{world} devices"
-                )
-            self.batch_size_per_device = self.hparams.batch_size // world
         if self.hparams.mode == "features":  # cached CNN outputs: no patches, no augmentation
             for side in SIDES:
                 self.datasets[side] = FeatureDataset(self._features(), self.split[side])
@@ -281,6 +290,13 @@ class BreastDataModule(pl.LightningDataModule):
                 )
             else:
                 self.datasets[side] = ImageDataset(self.cache, records, labels, transform)
+
+    def inference_images(self, sides: Sequence[str] = SIDES) -> tuple[ImageDataset, list[str]]:
+        """Every image of ``sides`` as an un-augmented ``ImageDataset``, and its ids in order."""
+        ids = [i for side in sides for i in self.split[side] if i in self.records]
+        labels = {e.image_id: e.label_index for e in self.entries}
+        transform = build_transforms(False, **self._augment_kwargs())
+        return ImageDataset(self.cache, [self.records[i] for i in ids], labels, transform), ids
 
     def _features(self) -> dict[str, dict]:
         """The features stage's output (``features_path``), loaded once."""
@@ -303,12 +319,13 @@ class BreastDataModule(pl.LightningDataModule):
         self.split, self.split_path = load_or_make_split(
             self.work_dir, entries, tuple(hp.split), hp.folds, hp.fold, hp.seed
         )
-        reference, reference_key = self._reference(entries, build)
+        settings = lineage.stain_settings(hp.stain, entries)
         self.stain = stain = StainSettings(
-            reference,
+            self._reference(entries, settings, build),
             **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
         )
-        key = config_hash({"tiling": vars(self.tiling), "stain": reference_key})
+        data_key = lineage.index_key(self.data_dir, hp.labels_csv)
+        key = lineage.cache_key(data_key, vars(self.tiling), settings)
         self.cache = PatchCache(self.work_dir / "cache" / key)
         usable = [e for e in entries if e.usable]
         if build:
@@ -331,46 +348,28 @@ class BreastDataModule(pl.LightningDataModule):
         )
 
     def _reference(
-        self, entries: list[IndexEntry], build: bool
-    ) -> tuple[StainReference | None, dict]:
-        """The fitted Macenko reference and the settings that identify it (None: no stain work)."""
-        stain = self.hparams.stain
-        if stain.method == "none":
-            return None, {"method": "none"}
-        if stain.method != "macenko":
-            raise ValueError(f"stain.method must be macenko or none, got {stain.method!r}")
-        settings = {
-            "method": "macenko",
-            "solver": stain.solver,
-            "luminosity_threshold": stain.luminosity_threshold,
-            "angular_percentile": stain.angular_percentile,
-        }
-        if stain.reference == "auto":
-            settings["reference"] = "auto:" + bach.data_fingerprint(entries)
-        else:
-            path = Path(stain.reference).expanduser().resolve()
-            settings["reference"] = str(path)
+        self, entries: list[IndexEntry], settings: dict, build: bool
+    ) -> StainReference | None:
+        """The fitted Macenko reference of these ``settings`` (None: no stain work)."""
+        if settings["method"] == "none":
+            return None
         path = self.work_dir / "stain" / f"{config_hash(settings)}.json"
         if path.is_file():
-            saved = json.loads(path.read_text())
-            return StainReference.from_dict(saved["reference"]), settings | {"sha1": saved["sha1"]}
+            return StainReference.from_dict(json.loads(path.read_text())["reference"])
         if not build:
             raise FileNotFoundError(f"{path} not found: run the prepare stage first")
-        source = self._pick_reference(entries) if stain.reference == "auto" else None
-        ref_path = Path(source.path if source else settings["reference"])
-        image, _ = bach.read_rgb(ref_path)
+        stain = self.hparams.stain
+        auto = stain.reference == "auto"
+        ref_path = Path(self._pick_reference(entries).path if auto else stain.reference)
+        image, _ = bach.read_rgb(ref_path.expanduser())
         normalizer = MacenkoNormalizer(
             solver=stain.solver,
             luminosity_threshold=stain.luminosity_threshold,
             angular_percentile=stain.angular_percentile,
         ).fit(image)
-        sha1 = source.sha1 if source else hashlib.sha1(ref_path.read_bytes()).hexdigest()
-        write_json(
-            path,
-            {"reference": normalizer.reference.to_dict(), "path": str(ref_path), "sha1": sha1},
-        )
+        write_json(path, {"reference": normalizer.reference.to_dict(), "path": str(ref_path)})
         log.info("stain reference: %s", ref_path)
-        return normalizer.reference, settings | {"sha1": sha1}
+        return normalizer.reference
 
     def _pick_reference(self, entries: list[IndexEntry]) -> IndexEntry:
         """The most typical image's stains (label-free, over every usable image).
@@ -406,24 +405,32 @@ class BreastDataModule(pl.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------
     def _loader(self, side: str, shuffle: bool) -> DataLoader:
+        """Each rank's loader. Training shuffles with ``EpochShuffle``; val/test give every
+        sample to exactly one rank (no padding duplicates skewing a small test set)."""
         dataset = self.datasets[side]
-        batch = self.batch_size_per_device
+        batch, world = self.batch_size_per_device, self.world_size
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         workers = self.hparams.num_workers
-        sampler = None
+        sampler: DistributedSampler | None = None
         if shuffle:
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
-            sampler = EpochShuffle(dataset, self.hparams.seed, epoch)
+            sampler = EpochShuffle(dataset, self.hparams.seed, epoch, world, rank)
+        elif world > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
+        per_rank = len(sampler) if sampler is not None else len(dataset)
         return DataLoader(
             dataset,
             batch_size=batch,
             sampler=sampler,
-            generator=sampler.generator if sampler else None,
+            # An iterator draws its workers' base seed from this generator, not from the
+            # global RNG that EpochSeed reseeds (Lightning makes the iterator before that
+            # reseed when it resumes, after it otherwise: dropout would differ).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             # Inception-V3's aux BatchNorm cannot train on a batch of one.
-            drop_last=shuffle and len(dataset) % batch == 1,
+            drop_last=shuffle and per_rank % batch == 1,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
-            worker_init_fn=seed_worker if workers > 0 else None,
             collate_fn=None if self.hparams.mode == "patch" else pad_collate,
         )
 

@@ -86,6 +86,15 @@ def kfold_split(
     return {side: sorted(ids) for side, ids in split.items()}
 
 
+def split_name(
+    ratios: tuple[float, ...], folds: int | None, fold: int, seed: int, fingerprint: str
+) -> str:
+    """The split file's name: its settings and the fingerprint of the data it splits."""
+    if folds:
+        return f"kfold{folds}-fold{fold}-seed{seed}-{fingerprint}"
+    return f"holdout-{'-'.join(f'{r:g}' for r in ratios)}-seed{seed}-{fingerprint}"
+
+
 def load_or_make_split(
     work_dir: Path,
     entries: list[IndexEntry],
@@ -95,11 +104,7 @@ def load_or_make_split(
     seed: int = 2019,
 ) -> tuple[dict[str, list[str]], Path]:
     """The split for these settings and data: read from ``work_dir/splits`` or made once."""
-    data = data_fingerprint(entries)
-    if folds:
-        name = f"kfold{folds}-fold{fold}-seed{seed}-{data}"
-    else:
-        name = f"holdout-{'-'.join(f'{r:g}' for r in ratios)}-seed{seed}-{data}"
+    name = split_name(ratios, folds, fold, seed, data_fingerprint(entries))
     path = Path(work_dir) / "splits" / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text()), path

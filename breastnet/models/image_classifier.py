@@ -8,20 +8,13 @@ Metrics, logging and the optimizer/scheduler handling are ``ClassifierModule``'s
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from breastnet.models.aggregators import Vote
 from breastnet.models.backbone import Backbone
 from breastnet.models.classifier import ClassifierModule
-
-
-def scatter_patches(values: Tensor, mask: Tensor) -> Tensor:
-    """Values of the real patches, P x K, back into a zero-padded B x N x K batch."""
-    out = values.new_zeros((*mask.shape, values.shape[-1]))  # B x N x K
-    out[mask] = values
-    return out
+from breastnet.models.embedding import embed_patches, scatter_patches
 
 
 class ImageClassifier(ClassifierModule):
@@ -91,13 +84,7 @@ class ImageClassifier(ClassifierModule):
         BatchNorm statistics), ``chunk_size`` at a time.
         """
         patches = x[mask]  # P x 3 x S x S, the P real patches in batch order
-        features = torch.cat(
-            [
-                self.backbone.forward_features(self.backbone.normalize(chunk))  # chunk x D
-                for chunk in patches.split(self.hparams.chunk_size)
-            ]
-        )  # P x D
-        probs = self.backbone.forward_head(features).softmax(dim=1)  # P x C
+        features, probs = embed_patches(self.backbone, patches, self.hparams.chunk_size)
         return scatter_patches(features, mask), scatter_patches(probs, mask)
 
     def model_step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""What the training stages share: the Trainer, per-epoch seeding, stage directories."""
+"""What the training stages share: fit with resumable checkpoints, test, mark done."""
 
 import json
 import logging
@@ -6,90 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from breastnet.artifacts import write_json, write_text
+from breastnet.trainer import EpochSeed, ProgressLog, build_trainer
 
 log = logging.getLogger(__name__)
-
-# Trainer keys that say where a run executes, not what it learns: left out of stage hashes.
-_PLACEMENT_KEYS = {
-    "_target_",
-    "accelerator",
-    "devices",
-    "num_nodes",
-    "strategy",
-    "sync_batchnorm",
-    "default_root_dir",
-    "log_every_n_steps",
-    "enable_progress_bar",
-    "enable_model_summary",
-}
-
-
-def container(node: Any) -> Any:
-    """A resolved plain-Python copy of a config node (for hashing and saving)."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def training_settings(trainer_cfg: DictConfig) -> dict:
-    """The trainer settings that shape a model (epochs, precision, clipping...)."""
-    return {k: v for k, v in container(trainer_cfg).items() if k not in _PLACEMENT_KEYS}
-
-
-class EpochSeed(pl.Callback):
-    """Reseed the global RNGs (dropout...) at each epoch start from (seed, epoch).
-
-    With the DataModule's ``EpochShuffle`` (shuffle and augmentations), a run resumed from
-    ``last.ckpt`` draws what an uninterrupted one draws, and ends with the same weights.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
-
-
-class LogConfig(pl.Callback):
-    """Log the whole resolved config (not only the model's hyperparameters) when a fit starts.
-
-    Done in the process that trains: under ``ddp_spawn`` a logger first used in the launching
-    process is copied into the workers half set up (the CSV logger then loses its header).
-    """
-
-    def __init__(self, config: dict) -> None:
-        self.config = config
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            for logger in trainer.loggers:
-                logger.log_hyperparams(self.config)
-
-
-def _in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
-    """The configured Trainer with its logger; ``overrides`` replace trainer settings.
-
-    Lightning's ``ddp`` re-launches the command line for ranks > 0, which cannot work inside
-    a Hydra multirun (each job would start the sweep again): there ``ddp_spawn`` is used.
-    """
-    # Under SLURM, srun has started every rank already: nothing to spawn.
-    if _in_multirun() and cfg.trainer.get("strategy") == "ddp" and not SLURMEnvironment.detect():
-        log.warning("trainer.strategy=ddp inside a Hydra multirun: using ddp_spawn instead")
-        overrides["strategy"] = "ddp_spawn"
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    if logger:
-        callbacks = [*callbacks, LogConfig(container(cfg))]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **overrides)
 
 
 def finish_stage(out_dir: Path, cfg: DictConfig, metrics: dict[str, float]) -> None:
@@ -135,7 +58,7 @@ def train_and_test(
         every_n_epochs=last_every_n_epochs,
         enable_version_counter=False,
     )
-    callbacks = [best, latest, EpochSeed(cfg.seed)]
+    callbacks = [best, latest, EpochSeed(cfg.seed), ProgressLog(prefix)]
     if early_stopping_patience:
         callbacks.append(EarlyStopping("val/acc", patience=early_stopping_patience, mode="max"))
     trainer = build_trainer(cfg, callbacks, **trainer_overrides)
@@ -158,6 +81,8 @@ def train_and_test(
     metrics = {
         f"{prefix}/val_acc_best": float(score),
         f"{prefix}/test_acc": float(tested[0]["test/acc"]),
+        # data.batch_size is the global batch: what each rank took of it
+        f"{prefix}/batch_per_device": float(datamodule.batch_size_per_device),
     }
     if trainer.is_global_zero:
         finish_stage(out_dir, cfg, metrics)

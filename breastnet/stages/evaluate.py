@@ -1,26 +1,27 @@
 """Stage ``evaluate``: metrics, plots, predictions and an HTML page for one split.
 
-Runs the trained image model (and, for the plots, the patch outputs it reads) over the images
+Runs the trained image model (on every rank, with the trainer's accelerator) over the images
 of ``eval.split`` and writes ``work_dir/reports/<hash>/``: ``metrics.json`` (DESIGN.md's
 keys), ``predictions.csv``, the PNGs and ``index.html``; with ``logger=wandb`` the same go to
 the W&B run.
 """
 
 import logging
+import shutil
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.utilities import rank_zero_only
-from tqdm import tqdm
 
-from breastnet.artifacts import config_hash
-from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.datamodule import BreastDataModule, FeatureDataset
 from breastnet.data.splits import SIDES
-from breastnet.inference import TrainedPipeline
+from breastnet.distributed import on_rank_zero
+from breastnet.inference import image_result, load_image_model
+from breastnet.lineage import Lineage
+from breastnet.models.embedding import Embedder
+from breastnet.prediction import predict_images
 from breastnet.reporting import Report, write_report
-from breastnet.stages import features, image
 from breastnet.tracking import log_report
 
 log = logging.getLogger(__name__)
@@ -38,38 +39,38 @@ def summary_metrics(report: Report, prefix: str) -> dict[str, float]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the trained pipeline on ``eval.split``; returns the headline metrics."""
-    if rank_zero_only.rank != 0:
-        return {}
     split = cfg.eval.split
     if split not in SPLITS:
         raise ValueError(f"eval.split must be one of {SPLITS}, got {split!r}")
-    datamodule: BreastDataModule = instantiate(cfg.data, mode="patch")
+    lineage = Lineage(cfg)
+    datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()
-    pipeline = TrainedPipeline(cfg, datamodule)
-    cached = {}
-    if not pipeline.end_to_end:
-        saved = torch.load(features.artifact_path(cfg, datamodule), weights_only=False)
-        cached = saved["images"]
-    ids = [i for side in SIDES for i in datamodule.split[side] if split in (side, "all")]
+    model = load_image_model(cfg, lineage)
+    sides = SIDES if split == "all" else (split,)
+    if model.backbone is not None:  # end to end: the image model's own CNN embeds the patches
+        dataset, ids = datamodule.inference_images(sides)
+        embedder = Embedder(model.backbone, model.aggregator, cfg.features.batch_size)
+    else:  # on the features stage's cached outputs
+        cached = torch.load(lineage.features, weights_only=False)["images"]
+        ids = [i for side in sides for i in datamodule.split[side] if i in cached]
+        dataset, embedder = FeatureDataset(cached, ids), Embedder(None, model.aggregator)
+    out = lineage.report(split)
+    outputs = predict_images(cfg, embedder, dataset, ids, out / ".parts", "evaluate")
+    return on_rank_zero(lambda: _report(cfg, datamodule, outputs, out)) or {}
+
+
+def _report(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out) -> dict:
     entries = {e.image_id: e for e in datamodule.entries}
     results = []
-    for image_id in tqdm(ids, desc=f"evaluate {split}", unit="img"):
+    for image_id, output in outputs.items():
         record = datamodule.records[image_id]  # grid positions and tissue, from prepare
-        saved_outputs = cached.get(image_id)
+        entry = entries[image_id]
         results.append(
-            pipeline.result(
-                image_id,
-                entries[image_id].path,
-                entries[image_id].label_index,
-                np.asarray(record["positions"]),
-                np.asarray(record["tissue"]),
-                # End to end there are no cached features: the image model's CNN embeds.
-                None if saved_outputs else np.asarray(datamodule.cache.load(image_id)),
-                saved_outputs,
+            image_result(
+                output, entry.path, entry.label_index, record["positions"], record["tissue"]
             )
         )
-    model_dir = image.artifact_dir(cfg, datamodule)
-    out = datamodule.work_dir / "reports" / config_hash({"image": model_dir.name, "split": split})
+    split = cfg.eval.split
     report = write_report(
         out,
         results,
@@ -79,9 +80,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         n_examples=cfg.eval.examples,
         seed=cfg.seed,
     )
-    metrics = summary_metrics(report, "eval")
+    shutil.rmtree(out / ".parts", ignore_errors=True)
     log_report(cfg, report, results, "eval")
     if report.metrics is not None:
         print(f"image accuracy on the {split} split: {report.metrics['image_accuracy']:.3f}")
     print(f"report: {report.html} (metrics.json, predictions.csv and the PNGs beside it)")
-    return metrics
+    return summary_metrics(report, "eval")

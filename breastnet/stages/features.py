@@ -3,109 +3,67 @@
 With the best patch checkpoint, every image of every split gets its ``[N, D]`` feature
 sequence (row-major grid order), grid positions and patch probabilities, saved in
 ``work_dir/features/<hash>.pt``: the image model and the plots read them without the CNN.
+Every rank embeds its share of the images (``Trainer.predict``); each image is kept as soon as
+it is done, so an interrupted stage resumes with the images it had not finished.
 """
 
 import json
 import logging
-from collections.abc import Iterator
-from pathlib import Path
+import shutil
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.utilities import rank_zero_only
-from tqdm import tqdm
 
 from breastnet import CLASSES
-from breastnet.artifacts import atomic_write, config_hash, write_json
+from breastnet.artifacts import atomic_write, write_json
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.splits import SIDES
-from breastnet.models.backbone import Backbone
-from breastnet.models.patch_classifier import PatchClassifier
-from breastnet.stages import patch
-from breastnet.stages.common import finished_metrics
+from breastnet.distributed import on_rank_zero
+from breastnet.inference import load_patch_model
+from breastnet.lineage import Lineage
+from breastnet.models.embedding import Embedder
+from breastnet.prediction import predict_images
 
 log = logging.getLogger(__name__)
 
 
-def dihedral(x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The 8 rotations/flips of a [B, C, H, W] batch (test-time augmentation)."""
-    for k in range(4):
-        rotated = torch.rot90(x, k, dims=(2, 3))
-        yield rotated
-        yield rotated.flip(3)
-
-
-@torch.no_grad()
-def embed(
-    net: Backbone, patches: torch.Tensor, batch_size: int, tta: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] and probabilities [N, C] of uint8 patches [N, 3, S, S], chunked.
-
-    ``net`` must be in eval mode; it stays on its device, the results come back on the CPU.
-    """
-    device = next(net.parameters()).device
-    features, probs = [], []
-    for chunk in patches.split(batch_size):
-        views = [v.to(device) for v in (dihedral(chunk) if tta else [chunk])]
-        view_features = [net.forward_features(net.normalize(v)) for v in views]  # each B x D
-        view_probs = [net.forward_head(f).softmax(1) for f in view_features]
-        features.append(torch.stack(view_features).mean(0).float().cpu())
-        probs.append(torch.stack(view_probs).mean(0).float().cpu())
-    return torch.cat(features), torch.cat(probs)
-
-
-def artifact_path(cfg: DictConfig, datamodule: BreastDataModule) -> Path:
-    """``work_dir/features/<hash>.pt``, keyed by the patch model and the TTA setting."""
-    key = config_hash({"patch": patch.artifact_dir(cfg, datamodule).name, "tta": cfg.features.tta})
-    return datamodule.work_dir / "features" / f"{key}.pt"
-
-
-def load_patch_model(cfg: DictConfig, datamodule: BreastDataModule) -> PatchClassifier:
-    """The best checkpoint of the patch stage for this config, in eval mode."""
-    patch_dir = patch.artifact_dir(cfg, datamodule)
-    if finished_metrics(patch_dir) is None:
-        raise FileNotFoundError(
-            f"no finished patch model in {patch_dir}: run the patch stage first"
-        )
-    net = instantiate(cfg.patch_model.net, weights="none")  # the checkpoint holds the weights
-    model = PatchClassifier.load_from_checkpoint(
-        patch_dir / "best.ckpt", net=net, map_location="cpu", weights_only=False
-    )
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Extract (or reuse) features of every image; returns patch-wise accuracy per split."""
-    if rank_zero_only.rank != 0:  # ranks > 0 of a `ddp` launch: rank 0 does this alone
-        return {}
-    datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
-    datamodule.setup()
-    out = artifact_path(cfg, datamodule)
-    summary = out.with_suffix(".json")
-    if out.is_file() and summary.is_file():
+    lineage = Lineage(cfg)
+    out, summary = lineage.features, lineage.features.with_suffix(".json")
+    if not (out.is_file() and summary.is_file()):
+        datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
+        datamodule.setup()
+        model = load_patch_model(cfg, lineage)
+        dataset, ids = datamodule.inference_images()
+        embedder = Embedder(model.net, chunk_size=cfg.features.batch_size, tta=cfg.features.tta)
+        parts = out.with_suffix(".parts")
+        outputs = predict_images(cfg, embedder, dataset, ids, parts, "features")
+        on_rank_zero(lambda: _save(cfg, datamodule, outputs, out))
+        on_rank_zero(lambda: shutil.rmtree(parts, ignore_errors=True))
+    else:
         log.info("features already extracted: %s", out)
-        return json.loads(summary.read_text())
+    return json.loads(summary.read_text())
 
-    model = load_patch_model(cfg, datamodule)
+
+def _save(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict[str, dict], out) -> None:
+    """Write the features file and its patch accuracy per split (``<hash>.json``)."""
     labels = {e.image_id: e.label_index for e in datamodule.entries}
     images, metrics = {}, {}
     for side in SIDES:
         right = counted = 0
-        for image_id in tqdm(datamodule.split[side], desc=f"features {side}", unit="img"):
-            record = datamodule.records[image_id]
-            patches = np.moveaxis(np.array(datamodule.cache.load(image_id)), -1, 1)
-            features, probs = embed(
-                model.net, torch.from_numpy(patches), cfg.features.batch_size, cfg.features.tta
-            )
+        for image_id in datamodule.split[side]:
+            if image_id not in outputs:
+                continue
+            record, output = datamodule.records[image_id], outputs[image_id]
             tissue = torch.tensor(record["tissue"])
             counted_patches = tissue >= datamodule.hparams.min_tissue
-            right += int((probs.argmax(1)[counted_patches] == labels[image_id]).sum())
+            right += int((output["probs"].argmax(1)[counted_patches] == labels[image_id]).sum())
             counted += int(counted_patches.sum())
             images[image_id] = {
-                "features": features,  # N x D
-                "probs": probs,  # N x C
+                "features": output["features"],  # N x D
+                "probs": output["probs"],  # N x C
                 "positions": torch.tensor(record["positions"]),  # N x 2 (row, col)
                 "tissue": tissue,
                 "label": labels[image_id],
@@ -114,5 +72,4 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics[f"features/patch_acc_{side}"] = right / max(counted, 1)
     saved = {"classes": list(CLASSES), "tta": cfg.features.tta, "images": images}
     atomic_write(out, lambda f: torch.save(saved, f))
-    write_json(summary, metrics)
-    return metrics
+    write_json(out.with_suffix(".json"), metrics)

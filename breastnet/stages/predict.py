@@ -9,12 +9,11 @@ fails at the end, after writing everything, when any file did.
 """
 
 import logging
+import shutil
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.utilities import rank_zero_only
-from tqdm import tqdm
 
 from breastnet import CLASSES
 from breastnet.data.bach import (
@@ -26,9 +25,12 @@ from breastnet.data.bach import (
     read_rgb,
 )
 from breastnet.data.datamodule import BreastDataModule
-from breastnet.data.store import tissue_fraction
-from breastnet.inference import TrainedPipeline
-from breastnet.reporting import ImageResult, write_report
+from breastnet.data.store import normalise_and_tile
+from breastnet.distributed import on_rank_zero
+from breastnet.inference import ImageFiles, image_embedder, image_result, load_image_model
+from breastnet.lineage import Lineage
+from breastnet.prediction import predict_images
+from breastnet.reporting import write_report
 from breastnet.stages.evaluate import summary_metrics
 from breastnet.tracking import log_report
 
@@ -58,70 +60,60 @@ def labels_for(root: Path, files: list[Path], labels_csv: str | None) -> dict[Pa
     return labels
 
 
-def predict_file(
-    pipeline: TrainedPipeline, path: Path, root: Path, label: str | None
-) -> ImageResult:
-    """The pipeline's result for one file, or a result carrying why it has none."""
-    image_id = path.relative_to(root).with_suffix("").as_posix()
-    label_index = None if label is None else CLASSES.index(label)
-    try:
-        rgb, _ = read_rgb(path)
-        patches, positions = pipeline.tile(rgb)
-    except (DataError, ValueError) as e:
-        message = str(e) if str(path) in str(e) else f"{path}: {e}"
-        log.error("%s", message)
-        return ImageResult(
-            image_id=image_id,
-            path=str(path),
-            label=label_index,
-            probs=None,
-            patch_probs=None,
-            positions=None,
-            tissue=None,
-            error=message,
-        )
-    return pipeline.result(
-        image_id, str(path), label_index, positions, tissue_fraction(patches), patches
-    )
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Predict every image of ``predict.input``; returns image accuracy when labelled."""
-    if rank_zero_only.rank != 0:
-        return {}
+    """Predict every image of ``predict.input``; returns image accuracy when labelled.
+
+    Files are decoded, normalised and tiled in DataLoader workers and embedded on every rank.
+    """
     if not cfg.predict.input:
-        raise ValueError("set predict.input=<image file or folder>")
+        raise ValueError("set predict.input=<image file or folder> (make predict INPUT=...)")
     root, files = find_inputs(Path(cfg.predict.input).expanduser().resolve())
     labels = labels_for(root, files, cfg.predict.labels_csv)
-    datamodule: BreastDataModule = instantiate(cfg.data, mode="patch")
+    lineage = Lineage(cfg)
+    datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()
-    pipeline = TrainedPipeline(cfg, datamodule)
-    results = [
-        predict_file(pipeline, f, root, labels[f]) for f in tqdm(files, desc="predict", unit="img")
-    ]
-
-    def patches(image_id: str):  # only the few images the report draws are tiled again
-        path = next(r.path for r in results if r.image_id == image_id)
-        return pipeline.tile(read_rgb(path)[0])[0]
-
-    report = write_report(
-        Path(cfg.predict.output_dir),
-        results,
-        patches=patches,
-        title=f"breastnet predictions: {root}",
-        min_tissue=datamodule.hparams.min_tissue,
-        n_examples=cfg.eval.examples,
-        seed=cfg.seed,
+    model = load_image_model(cfg, lineage)
+    dataset = ImageFiles(files, root, datamodule.tiling, datamodule.stain)
+    out_dir = Path(cfg.predict.output_dir)
+    parts = out_dir / ".parts" / lineage.image.name
+    outputs = predict_images(
+        cfg, image_embedder(cfg, lineage, model), dataset, dataset.image_ids, parts, "predict"
     )
-    log_report(cfg, report, results, "predict")
-    metrics = summary_metrics(report, "predict")
-    if "predict/image_accuracy" in metrics:
-        print(f"image accuracy on {root}: {metrics['predict/image_accuracy']:.3f}")
-    print(f"predictions: {report.predictions_csv}")
-    failed = [r for r in results if r.error]
-    if failed:
-        raise DataError(
-            f"{len(failed)} of {len(results)} file(s) could not be predicted "
-            f"(first: {failed[0].error}); see {report.predictions_csv}"
+
+    def report() -> dict[str, float]:
+        results = []
+        for f, image_id in zip(files, dataset.image_ids, strict=True):
+            label = None if labels[f] is None else CLASSES.index(labels[f])
+            results.append(image_result(outputs[image_id], str(f), label))
+        paths = {r.image_id: r.path for r in results}
+
+        def patches(image_id: str):  # only the few images the report draws are tiled again
+            image = read_rgb(paths[image_id])[0]
+            return normalise_and_tile(image, datamodule.tiling, datamodule.stain.normalizer())[0]
+
+        written = write_report(
+            out_dir,
+            results,
+            patches=patches,
+            title=f"breastnet predictions: {root}",
+            min_tissue=datamodule.hparams.min_tissue,
+            n_examples=cfg.eval.examples,
+            seed=cfg.seed,
         )
-    return metrics | {"predict/n_images": len(results)}
+        shutil.rmtree(out_dir / ".parts", ignore_errors=True)
+        log_report(cfg, written, results, "predict")
+        metrics = summary_metrics(written, "predict")
+        if "predict/image_accuracy" in metrics:
+            print(f"image accuracy on {root}: {metrics['predict/image_accuracy']:.3f}")
+        print(f"predictions: {written.predictions_csv}")
+        failed = [r for r in results if r.error]
+        for r in failed:
+            log.error("%s", r.error)
+        if failed:
+            raise DataError(
+                f"{len(failed)} of {len(results)} file(s) could not be predicted "
+                f"(first: {failed[0].error}); see {written.predictions_csv}"
+            )
+        return metrics | {"predict/n_images": len(results)}
+
+    return on_rank_zero(report) or {}

@@ -1,0 +1,195 @@
+"""Artifact lineage: where each artifact of a config lives in ``work_dir``, and what keys it.
+
+Every key is a short hash of the config subtree that shapes the artifact plus the keys of its
+inputs, computed from the config and the data set's index alone (no DataModule, no model):
+
+    index    <- data_dir, labels_csv
+    split    <- index (data fingerprint), ratios/folds, seed
+    stain    <- stain settings, the reference (auto: the data fingerprint; a file: its sha1)
+    cache    <- index key, stain, tiling
+    patch    <- cache, split, augmentation, global batch, patch model, training settings, seed
+    features <- patch, TTA
+    image    <- features (end to end: patch), image model, training settings, seed
+    report   <- image, evaluated split
+
+Placement (devices, strategy, nodes) never enters a key: one and eight GPUs with the same
+global ``data.batch_size`` train the same model and share its artifacts.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from breastnet.artifacts import config_hash
+from breastnet.data import bach
+from breastnet.data.bach import IndexEntry
+from breastnet.data.splits import split_name
+
+# Trainer keys that say where a run executes, not what it learns: left out of model keys.
+PLACEMENT_KEYS = frozenset(
+    {
+        "_target_",
+        "accelerator",
+        "devices",
+        "num_nodes",
+        "strategy",
+        "sync_batchnorm",
+        "default_root_dir",
+        "log_every_n_steps",
+        "enable_progress_bar",
+        "enable_model_summary",
+    }
+)
+STAIN_KEYS = ("method", "solver", "luminosity_threshold", "angular_percentile")
+
+
+def container(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (for hashing and saving)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def training_settings(trainer_cfg: Any) -> dict:
+    """The trainer settings that shape a model (epochs, precision, clipping...)."""
+    return {k: v for k, v in container(trainer_cfg).items() if k not in PLACEMENT_KEYS}
+
+
+def index_key(data_dir: str | Path, labels_csv: str | None) -> str:
+    """Key of one data set: its resolved folder and label file (several share a work_dir)."""
+    folder = Path(data_dir).expanduser().resolve()
+    labels = str(Path(labels_csv).expanduser().resolve()) if labels_csv else None
+    return config_hash({"data_dir": str(folder), "labels_csv": labels})
+
+
+def index_path(work_dir: Path, data_dir: str | Path, labels_csv: str | None) -> Path:
+    """``work_dir/index/<data set key>.csv``."""
+    return Path(work_dir) / "index" / f"{index_key(data_dir, labels_csv)}.csv"
+
+
+def stain_settings(stain: Any, entries: list[IndexEntry]) -> dict:
+    """What identifies a fitted Macenko reference (``method: none``: no stain work)."""
+    if stain["method"] == "none":
+        return {"method": "none"}
+    if stain["method"] != "macenko":
+        raise ValueError(f"stain.method must be macenko or none, got {stain['method']!r}")
+    settings = {k: stain[k] for k in STAIN_KEYS}
+    if stain["reference"] == "auto":
+        settings["reference"] = "auto:" + bach.data_fingerprint(entries)
+    else:
+        path = Path(stain["reference"]).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"stain.reference={path} does not exist")
+        settings["reference"] = hashlib.sha1(path.read_bytes()).hexdigest()
+    return settings
+
+
+def cache_key(data_key: str, tiling: dict, stain: dict) -> str:
+    """Key of a patch cache: the data set, its stain reference and the tiling."""
+    return config_hash({"data": data_key, "tiling": tiling, "stain": stain})
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Every artifact path of one composed config (``cfg.data`` etc.)."""
+
+    cfg: DictConfig
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.cfg.data.work_dir).expanduser().resolve()
+
+    @cached_property
+    def data_key(self) -> str:
+        return index_key(self.cfg.data.data_dir, self.cfg.data.labels_csv)
+
+    @property
+    def index(self) -> Path:
+        return index_path(self.work_dir, self.cfg.data.data_dir, self.cfg.data.labels_csv)
+
+    @cached_property
+    def entries(self) -> list[IndexEntry]:
+        """The data set's index, as the prepare stage wrote it."""
+        if not self.index.is_file():
+            raise FileNotFoundError(
+                f"{self.index} not found for data_dir={self.cfg.data.data_dir}: run the "
+                "prepare stage first (python -m breastnet 'stages=[prepare]')"
+            )
+        return bach.read_index(self.index)
+
+    @cached_property
+    def split(self) -> Path:
+        data = self.cfg.data
+        name = split_name(
+            tuple(data.split),
+            data.folds,
+            data.fold,
+            data.seed,
+            bach.data_fingerprint(self.entries),
+        )
+        return self.work_dir / "splits" / f"{name}.json"
+
+    @cached_property
+    def stain(self) -> dict:
+        return stain_settings(self.cfg.data.stain, self.entries)
+
+    @cached_property
+    def cache(self) -> Path:
+        data = self.cfg.data
+        tiling = {k: data[k] for k in ("tile_size", "stride", "patch_size")}
+        return self.work_dir / "cache" / cache_key(self.data_key, tiling, self.stain)
+
+    @cached_property
+    def patch(self) -> Path:
+        cfg = self.cfg
+        key = config_hash(
+            {
+                "cache": self.cache.name,
+                "split": self.split.stem,
+                "augment": container(cfg.augment),
+                "batch": {k: cfg.data[k] for k in ("batch_size", "min_tissue")},
+                "patch_model": container(cfg.patch_model),
+                "trainer": training_settings(cfg.trainer),
+                "seed": cfg.seed,
+            }
+        )
+        return self.work_dir / "patch" / key
+
+    @cached_property
+    def features(self) -> Path:
+        key = config_hash({"patch": self.patch.name, "tta": self.cfg.features.tta})
+        return self.work_dir / "features" / f"{key}.pt"
+
+    @cached_property
+    def image(self) -> Path:
+        cfg = self.cfg
+        upstream = self.patch.name if cfg.image_model.end_to_end else self.features.stem
+        trainer = training_settings(cfg.trainer)
+        trainer.pop("max_epochs", None)  # the image model's own max_epochs replaces it
+        key = config_hash(
+            {
+                "upstream": upstream,
+                "image_model": container(cfg.image_model),
+                "trainer": trainer,
+                "seed": cfg.seed,
+            }
+        )
+        return self.work_dir / "image" / key
+
+    def report(self, split: str) -> Path:
+        """``work_dir/reports/<hash>`` of the image model evaluated on ``split``."""
+        return self.work_dir / "reports" / config_hash({"image": self.image.name, "split": split})
+
+    def keys(self) -> dict[str, str]:
+        """Each artifact's key by name (what the tests and ``--info`` compare)."""
+        return {
+            "index": self.index.stem,
+            "split": self.split.stem,
+            "cache": self.cache.name,
+            "patch": self.patch.name,
+            "features": self.features.stem,
+            "image": self.image.name,
+            "report": self.report(self.cfg.eval.split).name,
+        }

@@ -1,0 +1,103 @@
+"""The configured Lightning Trainer and the callbacks every stage's Trainer carries."""
+
+import logging
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities import rank_zero_info
+
+from breastnet.distributed import in_multirun
+from breastnet.lineage import container
+
+log = logging.getLogger(__name__)
+
+
+class EpochSeed(pl.Callback):
+    """Reseed the global RNGs (dropout...) at each epoch start from (seed, epoch).
+
+    With the DataModule's ``EpochShuffle`` (order and per-sample augmentation seeds), a run
+    resumed from ``last.ckpt`` draws what an uninterrupted one draws, and ends with the same
+    weights.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+
+
+class LogConfig(pl.Callback):
+    """Log the whole resolved config (not only the model's hyperparameters) when a fit starts.
+
+    Done in the process that trains: under ``ddp_spawn`` a logger first used in the launching
+    process is copied into the workers half set up (the CSV logger then loses its header).
+    """
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self.config)
+
+
+class ProgressLog(pl.Callback):
+    """A plain log line per epoch, and every tenth of a prediction run.
+
+    The progress bar draws only on a terminal: in a log redirected to a file (SLURM, nohup)
+    these lines are what shows a run is alive.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.start = time.monotonic()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        shown = ("train/loss", "train/acc", "val/loss", "val/acc")
+        values = ", ".join(
+            f"{k} {float(trainer.callback_metrics[k]):.4f}"
+            for k in shown
+            if k in trainer.callback_metrics
+        )
+        rank_zero_info(
+            f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {values} "
+            f"({time.monotonic() - self.start:.0f} s)"
+        )
+
+    def on_predict_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx, *_
+    ) -> None:
+        total = trainer.num_predict_batches[0]
+        if (batch_idx + 1) % max(1, total // 10) == 0 or batch_idx + 1 == total:
+            rank_zero_info(
+                f"{self.name}: batch {batch_idx + 1}/{total} on rank 0 "
+                f"({time.monotonic() - self.start:.0f} s)"
+            )
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[pl.Callback], logger: bool = True, **overrides: Any
+) -> pl.Trainer:
+    """The configured Trainer, with ``cfg.logger`` unless ``logger`` is False; ``overrides``
+    replace trainer settings.
+
+    Lightning's ``ddp`` re-launches the command line for ranks > 0, which cannot work inside
+    a Hydra multirun (each job would start the sweep again): there ``ddp_spawn`` is used.
+    """
+    # Under SLURM, srun has started every rank already: nothing to spawn.
+    if in_multirun() and cfg.trainer.get("strategy") == "ddp" and not SLURMEnvironment.detect():
+        log.warning("trainer.strategy=ddp inside a Hydra multirun: using ddp_spawn instead")
+        overrides["strategy"] = "ddp_spawn"
+    made = instantiate(cfg.logger) if logger and cfg.get("logger") else False
+    if made:
+        callbacks = [*callbacks, LogConfig(container(cfg))]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=made, **overrides)

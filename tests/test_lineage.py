@@ -1,0 +1,90 @@
+"""Which config change moves which artifact: keys come from the config and the index alone."""
+
+from pathlib import Path
+
+import pytest
+
+from breastnet.cli import run_stages
+from breastnet.lineage import Lineage
+
+from conftest import compose_config
+
+BASE = [
+    "experiment=demo",
+    "data.tile_size=32",
+    "data.stride=32",
+    "data.patch_size=32",
+    "data.prepare_workers=0",
+    "data.split=[0.5,0.25,0.25]",
+    "patch_model.net.weights=none",
+    "logger=none",
+]
+ARTIFACTS = ("index", "split", "cache", "patch", "features", "image", "report")
+DOWNSTREAM = {a: set(ARTIFACTS[ARTIFACTS.index(a) :]) for a in ARTIFACTS}
+
+# override -> the artifacts whose keys it must change (all others must stay)
+TABLE = {
+    "data.tile_size=16": DOWNSTREAM["cache"],
+    "stain=none": DOWNSTREAM["cache"],
+    "data.seed=7": DOWNSTREAM["split"] - {"cache"},
+    "data.folds=2": DOWNSTREAM["split"] - {"cache"},
+    "patch_model.optimizer.lr=0.5": DOWNSTREAM["patch"],
+    "data.batch_size=32": DOWNSTREAM["patch"],
+    "trainer.precision=bf16-mixed": DOWNSTREAM["patch"],
+    "+trainer.gradient_clip_val=1.0": DOWNSTREAM["patch"],
+    "features.tta=true": DOWNSTREAM["features"],
+    "image_model=attention": DOWNSTREAM["image"],
+    "image_model.max_epochs=3": DOWNSTREAM["image"],
+    "image_model.end_to_end=true": DOWNSTREAM["image"],
+    "eval.split=val": {"report"},
+    # where a run executes, with the same global batch: nothing
+    "trainer.devices=2": set(),
+    "trainer.strategy=ddp": set(),
+    "trainer.accelerator=gpu": set(),
+    "data.num_workers=0": set(),
+    "trainer.max_epochs=3": DOWNSTREAM["patch"],
+}
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny BACH layout, indexed (prepare), and the tmp root its config uses."""
+    from conftest import tissue_like, write_image
+
+    from breastnet import CLASSES
+
+    root = tmp_path_factory.mktemp("lineage")
+    data = root / "bach"
+    for c, name in enumerate(CLASSES):
+        for i in range(4):
+            write_image(data / name / f"{name[:2].lower()}{i:03d}.png", tissue_like(10 * c + i))
+    run_stages(compose_config(root, *BASE, f"data.data_dir={data}", "stages=[prepare]"))
+    return root, data
+
+
+def keys(indexed: tuple[Path, Path], *overrides: str) -> dict[str, str]:
+    root, data = indexed
+    return Lineage(compose_config(root, *BASE, f"data.data_dir={data}", *overrides)).keys()
+
+
+@pytest.mark.parametrize("override", sorted(TABLE))
+def test_what_a_change_moves(indexed: tuple[Path, Path], override: str) -> None:
+    base, changed = keys(indexed), keys(indexed, override)
+    moved = {name for name in ARTIFACTS if base[name] != changed[name]}
+    assert moved == TABLE[override]
+
+
+def test_another_data_set_gets_its_own_index_and_cache(
+    indexed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, data = indexed
+    other = tmp_path / "other"
+    other.symlink_to(data, target_is_directory=True)
+    cfg = compose_config(root, *BASE, f"data.data_dir={other.resolve()}")
+    assert (
+        Lineage(cfg).index == Lineage(compose_config(root, *BASE, f"data.data_dir={data}")).index
+    )
+    cfg = compose_config(root, *BASE, f"data.data_dir={tmp_path / 'elsewhere'}")
+    assert Lineage(cfg).index.stem != keys(indexed)["index"]
+    with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
+        Lineage(cfg).cache
