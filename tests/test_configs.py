@@ -11,9 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution
 
 from breastnet.data.datamodule import BreastDataModule
+from breastnet.inference import build_image_model
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
-from breastnet.inference import build_image_model
 
 from conftest import CONF, compose_config
 

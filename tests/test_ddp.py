@@ -1,11 +1,13 @@
 """Multi-process training on the CPU (gloo): `ddp` single runs and `ddp_spawn` in multiruns."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from breastnet.data.synthetic import write_synthetic_dataset
 
@@ -48,12 +50,27 @@ def breastnet(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_ddp_single_run_two_processes(tmp_path: Path) -> None:
-    out = breastnet(tmp_path, "stages=[prepare,patch,features]", "trainer.strategy=ddp")
+def test_ddp_whole_pipeline_two_processes(tmp_path: Path) -> None:
+    """Every default stage, prepare to evaluate, on two `ddp` ranks: one report, one
+    metrics.json, each rank a half of the global batch, every image embedded once."""
+    out = breastnet(tmp_path, "trainer.strategy=ddp", "image_model.max_epochs=2")
+    log = out.stdout + out.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     (patch_dir,) = (tmp_path / "work" / "patch").iterdir()
     assert (patch_dir / "DONE").is_file() and (patch_dir / "best.ckpt").is_file()
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout + out.stderr
-    assert len(list((tmp_path / "work" / "features").glob("*.pt"))) == 1
+    patch_metrics = json.loads((patch_dir / "metrics.json").read_text())
+    assert patch_metrics["patch/batch_per_device"] == 4  # data.batch_size=8 over 2 ranks
+    (features_file,) = (tmp_path / "work" / "features").glob("*.pt")
+    images = torch.load(features_file, weights_only=False)["images"]
+    assert len(images) == 16  # every image once (no padding duplicates, none missing)
+    assert not list((tmp_path / "work" / "features").glob("*.parts"))
+    (report,) = (tmp_path / "work" / "reports").iterdir()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n_images"] == 4  # the whole test split, each image once
+    run_metrics = list((tmp_path / "logs").rglob("metrics.json"))
+    assert len(run_metrics) == 1  # rank 0 alone writes the run's metrics.json
+    assert json.loads(run_metrics[0].read_text())["eval/n_images"] == 4
+    assert "patch epoch 1/1" in log  # a plain progress line, also when not on a terminal
 
 
 def test_ddp_in_a_multirun_uses_spawn(tmp_path: Path) -> None:

@@ -14,11 +14,11 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from breastnet.inference import IMAGE_STAGE_KEYS as STAGE_KEYS
 from breastnet.models.aggregators import AGGREGATORS, build_aggregator
 from breastnet.models.backbone import build_backbone
 from breastnet.models.classifier import warmup_cosine
 from breastnet.models.image_classifier import ImageClassifier
-from breastnet.inference import IMAGE_STAGE_KEYS as STAGE_KEYS
 
 from conftest import CONF, CPU_TRAINER
 

@@ -49,9 +49,9 @@ TABLE = {
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny BACH layout, indexed (prepare), and the tmp root its config uses."""
-    from conftest import tissue_like, write_image
-
     from breastnet import CLASSES
+
+    from conftest import tissue_like, write_image
 
     root = tmp_path_factory.mktemp("lineage")
     data = root / "bach"
@@ -87,4 +87,4 @@ def test_another_data_set_gets_its_own_index_and_cache(
     cfg = compose_config(root, *BASE, f"data.data_dir={tmp_path / 'elsewhere'}")
     assert Lineage(cfg).index.stem != keys(indexed)["index"]
     with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
-        Lineage(cfg).cache
+        _ = Lineage(cfg).cache

@@ -10,7 +10,7 @@ from test_cli import make_cfg
 
 from breastnet.cli import run_stages
 from breastnet.data.synthetic import write_synthetic_dataset
-from breastnet.stages import common, patch
+from breastnet.stages import common
 from breastnet.trainer import EpochSeed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # steadier on a busy 2-core machine
