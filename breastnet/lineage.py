@@ -4,7 +4,7 @@ Every key is a short hash of the config subtree that shapes the artifact plus th
 inputs, computed from the config and the data set's index alone (no DataModule, no model):
 
     index    <- data_dir, labels_csv
-    split    <- index (data fingerprint), ratios/folds, seed
+    split    <- index (data fingerprint), ratios/folds, split seed, source grouping
     stain    <- stain settings, the reference (auto: the data fingerprint; a file: its sha1)
     cache    <- index key, stain, tiling
     patch    <- cache, split, augmentation, global batch, patch model, training settings, seed
@@ -122,13 +122,9 @@ class Lineage:
     @cached_property
     def split(self) -> Path:
         data = self.cfg.data
-        name = split_name(
-            tuple(data.split),
-            data.folds,
-            data.fold,
-            data.seed,
-            bach.data_fingerprint(self.entries),
-        )
+        seed = data.seed if data.get("split_seed") is None else data.split_seed
+        fingerprint = bach.data_fingerprint(self.entries)
+        name = split_name(data.split, data.folds, data.fold, seed, data.get("groups"), fingerprint)
         return self.work_dir / "splits" / f"{name}.json"
 
     @cached_property

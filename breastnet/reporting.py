@@ -36,6 +36,8 @@ from breastnet.artifacts import atomic_write, write_json, write_text
 DPI = 120
 TSNE_MAX_PATCHES = 2000
 TSNE_MIN_PATCHES = 10
+BOOTSTRAP_RESAMPLES = 1000
+_BOOTSTRAP_CHUNK = 2**22  # resample x image weights held at once (32 MiB of float64)
 # Normal green, Benign blue, InSitu orange, Invasive red; further classes take tab10's rest.
 _TAB10 = colormaps["tab10"].colors
 _PALETTE = [_TAB10[i] for i in (2, 0, 1, 3, 4, 5, 6, 7, 8, 9)]
@@ -87,12 +89,77 @@ def _number(x: float | np.floating | torch.Tensor) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUC (ties count half) with each row of ``weights`` counting the images.
+
+    Args:
+        scores: [n] one class's scores.
+        positive: [n] bool, the images of that class.
+        weights: [B, n] how often each image is drawn in each resample.
+
+    Returns:
+        [B] AUCs, NaN where a resample has no positive or no negative image.
+    """
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # one per distinct score
+    pos = np.add.reduceat((weights * positive)[:, order], starts, axis=1)  # B x levels
+    neg = np.add.reduceat((weights * ~positive)[:, order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored lower than each level
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    auc_classes: Sequence[int],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[list[float], list[float] | None]:
+    """Percentile-bootstrap intervals of image accuracy and macro AUC, resampling images.
+
+    Args:
+        labels: [n] true class indices.
+        probs: [n, C] class probabilities.
+        auc_classes: the classes whose AUC enters the macro mean (those defined on the full
+            sample); a resample averages those it holds both positives and negatives of.
+        resamples: bootstrap resamples (draws of n images with replacement).
+        seed: the resampling seed: the same inputs and seed give the same intervals.
+        level: the interval's coverage.
+
+    Returns:
+        ``([low, high] accuracy, [low, high] macro AUC or None without auc_classes)``.
+    """
+    n = len(labels)
+    correct = (probs.argmax(1) == labels).astype(float)
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    accuracy, auc = [], []
+    for rows in np.array_split(draws, max(1, resamples * n // _BOOTSTRAP_CHUNK)):
+        offsets = rows + n * np.arange(len(rows))[:, None]
+        weights = np.bincount(offsets.ravel(), minlength=rows.size).reshape(rows.shape)
+        accuracy.append(weights @ correct / n)
+        if auc_classes:
+            per_class = [_weighted_auc(probs[:, c], labels == c, weights) for c in auc_classes]
+            auc.append(np.stack(per_class))
+    tails = [50 * (1 - level), 50 * (1 + level)]
+    accuracy_ci = [_number(x) for x in np.percentile(np.concatenate(accuracy), tails)]
+    if not auc:
+        return accuracy_ci, None
+    per_resample = np.concatenate(auc, axis=1)  # classes x resamples
+    defined = ~np.isnan(per_resample).all(0)
+    macro = np.nanmean(per_resample[:, defined], axis=0)
+    return accuracy_ci, [_number(x) for x in np.percentile(macro, tails)]
+
+
 def classification_metrics(
     labels: np.ndarray,
     probs: np.ndarray,
     patch_labels: np.ndarray | None = None,
     patch_preds: np.ndarray | None = None,
     classes: Sequence[str] = CLASSES,
+    seed: int = 0,
 ) -> dict:
     """Image (and patch) accuracy, AUROC, per-class sensitivity/specificity, confusion matrix.
 
@@ -101,11 +168,14 @@ def classification_metrics(
         probs: [n, C] class probabilities; the prediction is their argmax.
         patch_labels, patch_preds: [P] true and predicted class of each patch (optional).
         classes: class names, in index order.
+        seed: seed of the bootstrap intervals.
 
     Returns:
-        A JSON-serialisable dict with DESIGN.md's ``metrics.json`` keys plus ``n_images`` and
-        ``n_patches``. A class's one-vs-rest AUC is None when ``labels`` has no image of it (or
-        nothing but it): the ROC is undefined there. ``macro_auc`` is the mean over the classes
+        A JSON-serialisable dict with DESIGN.md's ``metrics.json`` keys plus ``n_images``,
+        ``n_patches``, and 95 % percentile-bootstrap intervals over images
+        (``bootstrap_intervals``), ``image_accuracy_ci`` and ``macro_auc_ci``: ``[low, high]``.
+        A class's one-vs-rest AUC is None when ``labels`` has no image of it (or nothing but
+        it): the ROC is undefined there. ``macro_auc`` is the mean over the classes
         that have an AUC, so absent classes are left out rather than counted as 0 or 0.5.
         Sensitivity is None for an absent class, specificity None when every image is of it.
     """
@@ -141,6 +211,8 @@ def classification_metrics(
             "n": positives,
         }
     present = [m["auc"] for m in per_class.values() if m["auc"] is not None]
+    with_auc = [c for c, name in enumerate(classes) if per_class[name]["auc"] is not None]
+    accuracy_ci, auc_ci = bootstrap_intervals(labels, probs, with_auc, seed=seed)
 
     patch_accuracy = n_patches = None
     if patch_labels is not None and patch_preds is not None:
@@ -157,8 +229,10 @@ def classification_metrics(
             )
     return {
         "image_accuracy": _number(accuracy),
+        "image_accuracy_ci": accuracy_ci,
         "patch_accuracy": patch_accuracy,
         "macro_auc": _number(np.mean(present)) if present else None,
+        "macro_auc_ci": auc_ci,
         "per_class": per_class,
         "confusion_matrix": confusion.astype(int).tolist(),
         "n_images": n,
@@ -577,6 +651,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _fmt_ci(interval: list[float] | None) -> str:
+    return "n/a" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
 def _esc(x: object) -> str:
     return html.escape(str(x))
 
@@ -607,17 +685,27 @@ def _img(path: Path, caption: str, half: bool = False) -> str:
 
 def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
     summary = _table(
-        ["image accuracy", "patch accuracy", "macro AUC", "images", "patches"],
+        [
+            "image accuracy",
+            "95 % CI",
+            "patch accuracy",
+            "macro AUC",
+            "95 % CI",
+            "images",
+            "patches",
+        ],
         [
             [
                 _fmt(metrics["image_accuracy"]),
+                _fmt_ci(metrics["image_accuracy_ci"]),
                 _fmt(metrics["patch_accuracy"]),
                 _fmt(metrics["macro_auc"]),
+                _fmt_ci(metrics["macro_auc_ci"]),
                 str(metrics["n_images"]),
                 "n/a" if metrics["n_patches"] is None else str(metrics["n_patches"]),
             ]
         ],
-        numeric={0, 1, 2, 3, 4},
+        numeric=set(range(7)),
     )
     per_class = _table(
         ["class", "sensitivity", "specificity", "AUC", "n"],

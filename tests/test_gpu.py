@@ -4,13 +4,13 @@ feature extraction through ``Trainer.predict``. Skipped without a GPU (CI has no
 import pytest
 import pytorch_lightning as pl
 import torch
+from test_patch_classifier import make_model, patches
 from torch.utils.data import DataLoader
 
 from breastnet.data.datamodule import pad_collate
 from breastnet.models.embedding import Embedder, embed_patches
 
 from conftest import CPU_TRAINER
-from test_patch_classifier import make_model, patches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_TRAINER = CPU_TRAINER | {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"}

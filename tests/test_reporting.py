@@ -11,7 +11,12 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, roc_auc_score
 
 from breastnet import CLASSES
-from breastnet.reporting import ImageResult, classification_metrics, write_report
+from breastnet.reporting import (
+    ImageResult,
+    bootstrap_intervals,
+    classification_metrics,
+    write_report,
+)
 
 C = len(CLASSES)
 
@@ -84,6 +89,51 @@ def test_perfect_predictions() -> None:
     assert m["confusion_matrix"] == (np.eye(C, dtype=int) * 3).tolist()
     for name in CLASSES:
         assert m["per_class"][name] == {"sensitivity": 1.0, "specificity": 1.0, "auc": 1.0, "n": 3}
+
+
+def test_bootstrap_intervals_match_a_resample_by_resample_computation() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, C, size=30)
+    probs = np.round(noisy_probs(labels, rng, signal=1.0), 1)  # with ties, which count half
+    accuracy_ci, auc_ci = bootstrap_intervals(labels, probs, range(C), resamples=300, seed=9)
+    # The same draws, scored one resample at a time by scikit-learn.
+    draws = np.random.default_rng(9).integers(0, 30, size=(300, 30))
+    accuracies, aucs = [], []
+    for rows in draws:
+        y, p = labels[rows], probs[rows]
+        accuracies.append(accuracy_score(y, p.argmax(1)))
+        aucs.append(
+            np.mean([roc_auc_score(y == c, p[:, c]) for c in range(C) if 0 < (y == c).sum() < 30])
+        )
+    assert accuracy_ci == pytest.approx(np.percentile(accuracies, [2.5, 97.5]), abs=1e-9)
+    assert auc_ci == pytest.approx(np.percentile(aucs, [2.5, 97.5]), abs=1e-9)
+
+
+def test_metrics_carry_bootstrap_intervals() -> None:
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (40, 640):
+        labels = rng.integers(0, C, size=n)
+        probs = noisy_probs(labels, rng)
+        m = classification_metrics(labels, probs)
+        for key in ("image_accuracy", "macro_auc"):
+            low, high = m[f"{key}_ci"]
+            assert low <= m[key] <= high and low < high
+        widths.append(m["image_accuracy_ci"][1] - m["image_accuracy_ci"][0])
+        assert classification_metrics(labels, probs) == m  # seeded
+        assert classification_metrics(labels, probs, seed=1)["macro_auc_ci"] != m["macro_auc_ci"]
+        json.dumps(m, allow_nan=False)
+    # A binomial proportion's interval narrows as 1/sqrt(n): 16x the images, about 1/4 as wide.
+    assert 0.15 < widths[1] / widths[0] < 0.4
+
+
+def test_intervals_of_degenerate_samples() -> None:
+    labels = np.zeros(6, dtype=int)  # one class only: no AUC, so no AUC interval
+    m = classification_metrics(labels, np.eye(C)[labels])
+    assert m["image_accuracy_ci"] == [1.0, 1.0] and m["macro_auc_ci"] is None
+    labels = np.repeat(np.arange(C), 3)
+    m = classification_metrics(labels, np.eye(C)[labels] * 0.9 + 0.1 / C)
+    assert m["image_accuracy_ci"] == m["macro_auc_ci"] == [1.0, 1.0]
 
 
 def synthetic_results(
@@ -192,6 +242,8 @@ def test_html_is_self_contained(report) -> None:
     page = rep.html.read_text()
     accuracy = f"{rep.metrics['image_accuracy']:.3f}"
     assert f'<td class="num">{accuracy}</td>' in page
+    low, high = rep.metrics["image_accuracy_ci"]
+    assert f'<td class="num">{low:.3f}\u2013{high:.3f}</td>' in page and "95 % CI" in page
     assert "Benign/broken" in page and "unreadable: truncated TIFF" in page
     assert page.count("data:image/png;base64,") == len(rep.figures)
     assert len(re.findall(r"<img ", page)) == len(rep.figures)

@@ -203,6 +203,8 @@ class BreastDataModule(pl.LightningDataModule):
         folds: int | None = None,
         fold: int = 0,
         seed: int = 2019,
+        split_seed: int | None = None,
+        groups: str | None = None,
         tile_size: int = 512,
         stride: int = 512,
         patch_size: int = 299,
@@ -317,7 +319,16 @@ class BreastDataModule(pl.LightningDataModule):
         hp = self.hparams
         self.entries = entries
         self.split, self.split_path = load_or_make_split(
-            self.work_dir, entries, tuple(hp.split), hp.folds, hp.fold, hp.seed
+            self.work_dir,
+            entries,
+            tuple(hp.split),
+            hp.folds,
+            hp.fold,
+            hp.seed,
+            groups=hp.groups,
+            split_seed=hp.split_seed,
+            data_dir=self.data_dir,
+            labels_csv=hp.labels_csv,
         )
         settings = lineage.stain_settings(hp.stain, entries)
         self.stain = stain = StainSettings(

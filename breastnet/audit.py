@@ -1,0 +1,182 @@
+"""Leakage audit: each val/test image's most similar training image, and near-duplicates of it.
+
+Two kinds of descriptor, compared by cosine similarity:
+
+- ``features``: the features stage's file; an image is the mean of its patch features, centred
+  on the mean over all images of the file (uncentred, every ReLU feature vector looks alike).
+- ``images``: any folder; an image is its 32x32 area-averaged thumbnail, each colour channel
+  centred on its mean and scaled by the image's standard deviation (a correlation of
+  layouts, blind to overall colour and brightness). A query is compared with the eight flips
+  and quarter turns of each training thumbnail and keeps the best, so a flipped or rotated
+  copy matches; area averaging makes it robust to rescaling and JPEG re-encoding.
+
+A pair is a near-duplicate when its similarity reaches the threshold. The defaults sit in the
+gap, measured on bach-dev, between each image's nearest distinct image and planted copies
+(``experiments/audit_threshold/RESULTS.md``): thumbnails, distinct <= 0.75 and copies >= 0.997;
+frozen MobileNetV2 features, distinct <= 0.85 and flipped or re-encoded copies >= 0.94. The
+features route misses rescaled copies (other tiles) and, without TTA, quarter turns; the
+image route misses crops.
+
+``python -m breastnet.audit <features.pt | image folder> <split.json> [--threshold T]``
+"""
+
+import argparse
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from breastnet.artifacts import write_json, write_text
+from breastnet.data.bach import DataError, find_images, read_rgb
+
+THUMBNAIL = 32
+# Cosine at and above which a pair counts as a near-duplicate, per descriptor kind.
+THRESHOLDS = {"images": 0.9, "features": 0.9}
+QUERY_SIDES = ("val", "test")
+
+
+@dataclass
+class Match:
+    """One val/test image and its most similar training image."""
+
+    image_id: str
+    side: str  # val or test
+    train_id: str
+    similarity: float
+    near_duplicates: int  # training images at or above the threshold
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def image_descriptor(image: np.ndarray) -> np.ndarray:
+    """The eight dihedral variants of an RGB image's normalised thumbnail: [8, 32*32*3]."""
+    thumb = Image.fromarray(image).resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    x = np.asarray(thumb, dtype=np.float64)
+    x = (x - x.mean(axis=(0, 1))) / max(x.std(), 1e-6)
+    variants = [np.rot90(v, k) for v in (x, x[:, ::-1]) for k in range(4)]
+    return _unit(np.stack([v.ravel() for v in variants]))
+
+
+def image_descriptors(paths: Mapping[str, str | Path]) -> dict[str, np.ndarray]:
+    """``image_descriptor`` of each image file: image_id -> [8, D]."""
+    return {image_id: image_descriptor(read_rgb(p)[0]) for image_id, p in paths.items()}
+
+
+def feature_descriptors(images: Mapping[str, Mapping]) -> dict[str, np.ndarray]:
+    """Mean patch feature of each image of a features file's ``images``, centred: id -> [1, D]."""
+    means = {i: v["features"].float().mean(0).numpy() for i, v in images.items()}
+    centre = np.mean(list(means.values()), axis=0)
+    return {i: _unit(m - centre)[None] for i, m in means.items()}
+
+
+def load_descriptors(source: Path, image_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
+    """Descriptors of ``image_ids`` from a features file or an image folder, and their kind."""
+    if source.is_dir():
+        found = {p.relative_to(source).with_suffix("").as_posix(): p for p in find_images(source)}
+        kind, paths = "images", found
+    else:
+        images = torch.load(source, map_location="cpu", weights_only=False)["images"]
+        kind, paths = "features", images
+    if missing := [i for i in image_ids if i not in paths]:
+        raise DataError(
+            f"{source}: {len(missing)} image(s) of the split missing, e.g. {missing[0]}"
+        )
+    wanted = {i: paths[i] for i in image_ids}
+    describe = image_descriptors if kind == "images" else feature_descriptors
+    return describe(wanted), kind
+
+
+def audit(
+    descriptors: Mapping[str, np.ndarray],
+    split: Mapping[str, Sequence[str]],
+    threshold: float,
+) -> list[Match]:
+    """The most similar training image of every val/test image, most similar first.
+
+    Args:
+        descriptors: image_id -> [V, D] unit vectors; a query uses its first row, a training
+            image all V (its variants).
+        split: ``{"train": [...], "val": [...], "test": [...]}``.
+        threshold: cosine at and above which a pair is a near-duplicate.
+    """
+    train = list(split["train"])
+    queries = [(i, side) for side in QUERY_SIDES for i in split.get(side, [])]
+    if not train or not queries:
+        return []
+    bank = np.stack([descriptors[i] for i in train])  # T x V x D
+    query = np.stack([descriptors[i][0] for i, _ in queries])  # Q x D
+    similarity = np.einsum("qd,tvd->qtv", query, bank).max(-1)  # Q x T
+    best = similarity.argmax(1)
+    matches = [
+        Match(i, side, train[b], float(row[b]), int((row >= threshold).sum()))
+        for (i, side), row, b in zip(queries, similarity, best, strict=True)
+    ]
+    return sorted(matches, key=lambda m: -m.similarity)
+
+
+def crossing_pairs(
+    descriptors: Mapping[str, np.ndarray],
+    split: Mapping[str, Sequence[str]],
+    threshold: float,
+) -> list[Match]:
+    """The val/test images with a near-duplicate in train (what prepare/evaluate warn about)."""
+    return [m for m in audit(descriptors, split, threshold) if m.near_duplicates]
+
+
+def _write(out: Path, matches: list[Match], threshold: float, kind: str) -> None:
+    """``out`` (JSON: settings, counts, every match) and the same rows as CSV beside it."""
+    rows = [asdict(m) for m in matches]
+    flagged = sum(m.near_duplicates > 0 for m in matches)
+    write_json(
+        out,
+        {"descriptor": kind, "threshold": threshold, "flagged": flagged, "matches": rows},
+    )
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(Match.__dataclass_fields__))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out.with_suffix(".csv"), text.getvalue())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: audit a split, write the matches, print the closest pairs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m breastnet.audit", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("source", type=Path, help="features .pt file or folder of images")
+    parser.add_argument("split", type=Path, help="split JSON (work_dir/splits/<name>.json)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help=f"near-duplicate cosine (default {THRESHOLDS['images']} for images, "
+        f"{THRESHOLDS['features']} for features)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("audit.json"), help="JSON (+ .csv)")
+    parser.add_argument("--top", type=int, default=10, help="pairs to print")
+    args = parser.parse_args(argv)
+    split = json.loads(args.split.read_text())
+    ids = sorted({i for side in ("train", *QUERY_SIDES) for i in split.get(side, [])})
+    descriptors, kind = load_descriptors(args.source, ids)
+    threshold = THRESHOLDS[kind] if args.threshold is None else args.threshold
+    matches = audit(descriptors, split, threshold)
+    _write(args.out, matches, threshold, kind)
+    flagged = sum(m.near_duplicates > 0 for m in matches)
+    print(
+        f"{flagged} of {len(matches)} val/test images have a training near-duplicate "
+        f"({kind}, cosine >= {threshold}); all matches in {args.out}"
+    )
+    for m in matches[: args.top]:
+        print(f"{m.similarity:.3f}  {m.side:4s} {m.image_id}  ~ train {m.train_id}")
+
+
+if __name__ == "__main__":
+    main()
