@@ -1,5 +1,6 @@
 """The training stages: patch checkpoints, resume, features, and reuse across reruns."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,21 @@ def test_interrupted_training_resumes_to_the_same_weights(
     assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
     for key, value in a["state_dict"].items():
         assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
+
+
+def test_image_stage_alone_reproduces_the_pipeline(demo: Path, tmp_path: Path) -> None:
+    """Each stage is seeded by its place in the pipeline: ``stages=[image]`` on its own
+    trains the weights the whole pipeline trained (global RNG use before it does not count)."""
+    args = [*SMALL, f"data.data_dir={demo}", "image_model.max_epochs=2"]
+    run_stages(make_cfg(tmp_path, *args, "stages=[prepare,patch,features,image]"))
+    (image_dir,) = (tmp_path / "work" / "image").iterdir()
+    whole = torch.load(image_dir / "best.ckpt", weights_only=False)["state_dict"]
+    shutil.rmtree(image_dir)
+    torch.rand(100)  # whatever ran before in this process
+    run_stages(make_cfg(tmp_path, *args, "stages=[image]"))
+    alone = torch.load(image_dir / "best.ckpt", weights_only=False)["state_dict"]
+    assert whole.keys() == alone.keys()
+    assert all(torch.equal(whole[k], alone[k]) for k in whole)
 
 
 def test_image_stage_with_every_aggregator(demo: Path, tmp_path: Path) -> None:

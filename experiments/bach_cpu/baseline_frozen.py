@@ -26,6 +26,7 @@ from breastnet.data.bach import build_index, read_index, read_rgb
 from breastnet.data.splits import load_or_make_split
 from breastnet.data.stain import MacenkoNormalizer, StainReference
 from breastnet.data.store import Tiling, normalise_and_tile
+from breastnet.lineage import index_path
 from breastnet.models.backbone import build_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def main() -> None:
         reference = json.loads(args.stain_reference.read_text())["reference"]
         normalizer = MacenkoNormalizer.from_reference(StainReference.from_dict(reference))
 
-    index = args.work_dir / "index.csv"
+    index = index_path(args.work_dir, args.data, None)
     previous = read_index(index) if index.is_file() else None
     entries = [
         e for e in build_index(args.data, min_size=args.tile, previous=previous) if e.usable
