@@ -10,10 +10,10 @@ from omegaconf import open_dict
 from test_cli import make_cfg
 
 from breastnet.cli import run_stages
+from breastnet.data.synthetic import write_synthetic_dataset
 from breastnet.inference import load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import embed_patches
-from breastnet.data.synthetic import write_synthetic_dataset
 from breastnet.stages import common
 from breastnet.trainer import EpochSeed
 
