@@ -1,4 +1,5 @@
-"""Artifacts in ``work_dir``: content-hash keys and atomic writes, so reruns reuse and resume."""
+"""Artifacts in ``work_dir``: content-hash keys, atomic writes and DONE markers, so reruns reuse
+and resume."""
 
 import hashlib
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_hash(obj: Any, length: int = 10) -> str:
@@ -57,3 +59,17 @@ def write_json(path: Path, obj: Any) -> None:
 def save_npy(path: Path, array: np.ndarray) -> None:
     """Atomically write a ``.npy`` array (readable with ``np.load(mmap_mode="r")``)."""
     atomic_write(path, lambda f: np.save(f, array))
+
+
+def finish_stage(out_dir: Path, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Record a finished stage: its config, its metrics, then the DONE marker (last)."""
+    write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(out_dir / "metrics.json", metrics)
+    write_text(out_dir / "DONE", "")
+
+
+def finished_metrics(out_dir: Path) -> dict[str, float] | None:
+    """The metrics of a finished stage, or None if it has not finished."""
+    if not (out_dir / "DONE").is_file():
+        return None
+    return json.loads((out_dir / "metrics.json").read_text())

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from breastnet.artifacts import finished_metrics
 from breastnet.data.bach import DataError, read_rgb
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
 from breastnet.lineage import Lineage, container
@@ -28,8 +29,8 @@ from breastnet.reporting import ImageResult
 IMAGE_STAGE_KEYS = ("max_epochs", "batch_size", "end_to_end")
 
 
-def _finished(out_dir: Path, stage: str) -> Path:
-    if not (out_dir / "DONE").is_file():
+def _best_checkpoint(out_dir: Path, stage: str) -> Path:
+    if finished_metrics(out_dir) is None:
         raise FileNotFoundError(
             f"no finished {stage} model in {out_dir}: run the {stage} stage first"
         )
@@ -38,7 +39,7 @@ def _finished(out_dir: Path, stage: str) -> Path:
 
 def load_patch_model(cfg: DictConfig, lineage: Lineage) -> PatchClassifier:
     """The best checkpoint of the patch stage for this config, on the CPU, in eval mode."""
-    checkpoint = _finished(lineage.patch, "patch")
+    checkpoint = _best_checkpoint(lineage.patch, "patch")
     net = instantiate(cfg.patch_model.net, weights="none")  # the checkpoint holds the weights
     model = PatchClassifier.load_from_checkpoint(
         checkpoint, net=net, map_location="cpu", weights_only=False
@@ -57,7 +58,7 @@ def build_image_model(
 
 def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
     """The best checkpoint of the image stage for this config, on the CPU, in eval mode."""
-    checkpoint = _finished(lineage.image, "image")
+    checkpoint = _best_checkpoint(lineage.image, "image")
     # The patch CNN's width sizes the aggregator; end to end, the CNN is part of the model.
     net: Backbone = instantiate(cfg.patch_model.net, weights="none")
     model = build_image_model(cfg, net.feature_dim, net if cfg.image_model.end_to_end else None)

@@ -19,7 +19,7 @@ from breastnet.artifacts import atomic_write
 from breastnet.data.datamodule import pad_collate
 from breastnet.distributed import barrier
 from breastnet.models.embedding import Embedder
-from breastnet.stages.common import ProgressLog, build_trainer
+from breastnet.trainer import ProgressLog, build_trainer
 
 log = logging.getLogger(__name__)
 

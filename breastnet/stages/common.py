@@ -1,32 +1,17 @@
 """What the training stages share: fit with resumable checkpoints, test, mark done."""
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from breastnet.artifacts import write_json, write_text
+from breastnet.artifacts import finish_stage
 from breastnet.trainer import EpochSeed, ProgressLog, build_trainer
 
 log = logging.getLogger(__name__)
-
-
-def finish_stage(out_dir: Path, cfg: DictConfig, metrics: dict[str, float]) -> None:
-    """Record a finished stage: its config, its metrics, then the DONE marker (last)."""
-    write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_json(out_dir / "metrics.json", metrics)
-    write_text(out_dir / "DONE", "")
-
-
-def finished_metrics(out_dir: Path) -> dict[str, float] | None:
-    """The metrics of a finished stage, or None if it has not finished."""
-    if not (out_dir / "DONE").is_file():
-        return None
-    return json.loads((out_dir / "metrics.json").read_text())
 
 
 def train_and_test(

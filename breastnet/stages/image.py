@@ -11,9 +11,10 @@ import logging
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from breastnet.artifacts import finished_metrics
 from breastnet.inference import build_image_model, load_patch_model
 from breastnet.lineage import Lineage
-from breastnet.stages.common import finished_metrics, train_and_test
+from breastnet.stages.common import train_and_test
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ import logging
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from breastnet.artifacts import finished_metrics
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.lineage import Lineage
-from breastnet.stages.common import finished_metrics, train_and_test
+from breastnet.stages.common import train_and_test
 
 log = logging.getLogger(__name__)
 
