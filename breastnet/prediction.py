@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from breastnet.artifacts import atomic_write
 from breastnet.data.datamodule import pad_collate
-from breastnet.distributed import barrier
+from breastnet.distributed import barrier, rank
 from breastnet.models.embedding import Embedder
 from breastnet.trainer import ProgressLog, build_trainer
 
@@ -52,9 +52,10 @@ def predict_images(
     parts_dir: Path,
     name: str,
 ) -> dict[str, dict[str, Any]]:
-    """Every image's output (``image_ids[i]`` is sample ``i`` of ``dataset``), by id.
+    """Every image's output (``image_ids[i]`` is sample ``i`` of ``dataset``), by id, on
+    rank 0 (the one that writes what is made of them); an empty dict on the other ranks.
 
-    Only images without a saved part are run; every rank returns all of them.
+    Only images without a saved part are run.
     """
     todo = [
         i for i, image_id in enumerate(image_ids) if not part_path(parts_dir, image_id).exists()
@@ -76,7 +77,9 @@ def predict_images(
         )
         trainer.predict(embedder, loader, return_predictions=False)
     barrier()
-    outputs = {}
+    outputs: dict[str, dict[str, Any]] = {}
+    if rank() != 0:
+        return outputs
     for image_id in image_ids:
         path = part_path(parts_dir, image_id)
         if not path.is_file():

@@ -10,6 +10,7 @@ it is done, so an interrupted stage resumes with the images it had not finished.
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -40,15 +41,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
         embedder = Embedder(model.net, chunk_size=cfg.features.batch_size, tta=cfg.features.tta)
         parts = out.with_suffix(".parts")
         outputs = predict_images(cfg, embedder, dataset, ids, parts, "features")
-        on_rank_zero(lambda: _save(cfg, datamodule, outputs, out))
-        on_rank_zero(lambda: shutil.rmtree(parts, ignore_errors=True))
+        on_rank_zero(lambda: _save(cfg, datamodule, outputs, out, parts))
     else:
         log.info("features already extracted: %s", out)
     return json.loads(summary.read_text())
 
 
-def _save(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict[str, dict], out) -> None:
-    """Write the features file and its patch accuracy per split (``<hash>.json``)."""
+def _save(
+    cfg: DictConfig, datamodule: BreastDataModule, outputs: dict[str, dict], out: Path, parts: Path
+) -> None:
+    """Write the features file and its patch accuracy per split (``<hash>.json``), then drop
+    the per-image ``parts`` they were made from."""
     labels = {e.image_id: e.label_index for e in datamodule.entries}
     images, metrics = {}, {}
     for side in SIDES:
@@ -73,3 +76,4 @@ def _save(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict[str, dict
     saved = {"classes": list(CLASSES), "tta": cfg.features.tta, "images": images}
     atomic_write(out, lambda f: torch.save(saved, f))
     write_json(out.with_suffix(".json"), metrics)
+    shutil.rmtree(parts, ignore_errors=True)
