@@ -6,6 +6,7 @@ of prepare. A new image goes through exactly the steps a training image went thr
 DataLoader workers, and ``breastnet.prediction`` runs the models on every rank.
 """
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from torch.utils.data import Dataset
 
 from breastnet.artifacts import finished_metrics
 from breastnet.data.bach import DataError, read_rgb
+from breastnet.data.datamodule import to_tensor
+from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
 from breastnet.lineage import Lineage, container
 from breastnet.models.backbone import Backbone
@@ -86,22 +89,31 @@ class ImageFiles(Dataset):
     def __init__(
         self, files: list[Path], root: Path, tiling: Tiling, stain: StainSettings
     ) -> None:
-        self.files, self.root, self.tiling, self.stain = files, root, tiling, stain
+        self.files, self.tiling, self.stain = files, tiling, stain
         self.image_ids = [f.relative_to(root).with_suffix("").as_posix() for f in files]
 
     def __len__(self) -> int:
         return len(self.files)
 
+    @cached_property
+    def normalizer(self) -> MacenkoNormalizer | None:
+        """Prepare's Macenko reference as a normaliser, made once per process."""
+        return self.stain.normalizer()
+
+    def tile(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of file ``i``."""
+        return normalise_and_tile(read_rgb(self.files[i])[0], self.tiling, self.normalizer)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        path, size = self.files[i], self.tiling.patch_size
         sample: dict[str, Any] = {"image_id": self.image_ids[i], "y": -1}
         try:
-            rgb, _ = read_rgb(path)
-            patches, positions = normalise_and_tile(rgb, self.tiling, self.stain.normalizer())
+            patches, positions = self.tile(i)
         except (DataError, ValueError) as e:
+            path = self.files[i]
             sample["error"] = str(e) if str(path) in str(e) else f"{path}: {e}"
+            size = self.tiling.patch_size
             patches, positions = np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), int)
-        sample["x"] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, 1)))
+        sample["x"] = to_tensor(patches)
         sample["pos"] = torch.as_tensor(positions)
         sample["tissue"] = torch.as_tensor(tissue_fraction(patches) if len(patches) else [])
         return sample

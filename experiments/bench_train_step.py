@@ -45,7 +45,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
-from breastnet.data.datamodule import BreastDataModule, PatchDataset, _to_tensor
+from breastnet.data.datamodule import BreastDataModule, PatchDataset, to_tensor
 from breastnet.data.transforms import HEJitter
 from breastnet.models.backbone import build_backbone
 from breastnet.models.patch_classifier import PatchClassifier
@@ -198,7 +198,7 @@ def part_rates(dataset: PatchDataset, n: int) -> dict[str, float]:
         "train transform (jitter + rot90 + flip)": rate(
             lambda i: transform(image=patches[i])["image"], n
         ),
-        "HWC -> CHW tensor (_to_tensor)": rate(lambda i: _to_tensor(patches[i]), n),
+        "HWC -> CHW tensor (to_tensor)": rate(lambda i: to_tensor(patches[i]), n),
         "PatchDataset.__getitem__ (all of the above)": rate(lambda i: dataset[int(order[i])], n),
     }
 

@@ -36,7 +36,7 @@ MODES = ("patch", "image", "features")
 REFERENCE_DOWNSAMPLE = 4  # picking the reference needs stain matrices, not full resolution
 
 
-def _to_tensor(patches: np.ndarray) -> torch.Tensor:
+def to_tensor(patches: np.ndarray) -> torch.Tensor:
     """uint8 [..., S, S, 3] -> uint8 [..., 3, S, S]; models normalise on the device."""
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, -3)))
 
@@ -90,7 +90,7 @@ class PatchDataset(_AugmentedDataset):
         image_id, k, pos = self.items[self._index(key)]
         patch = self.transform(image=np.array(self.cache.load(image_id)[k]))["image"]
         return {
-            "x": _to_tensor(patch),
+            "x": to_tensor(patch),
             "y": self.labels[image_id],
             "image_id": image_id,
             "pos": torch.tensor(pos),
@@ -117,7 +117,7 @@ class ImageDataset(_AugmentedDataset):
             ]
         )
         return {
-            "x": _to_tensor(patches),
+            "x": to_tensor(patches),
             "y": self.labels[record["image_id"]],
             "image_id": record["image_id"],
             "pos": torch.tensor(record["positions"]),

@@ -1,6 +1,8 @@
-"""What the training stages share: fit with resumable checkpoints, test, mark done."""
+"""What the stages share: fit with resumable checkpoints, test, mark done; publish a report."""
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,8 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from breastnet.artifacts import finish_stage
+from breastnet.reporting import ImageResult, Report, write_report
+from breastnet.tracking import log_report
 from breastnet.trainer import EpochSeed, ProgressLog, build_trainer
 
 log = logging.getLogger(__name__)
@@ -72,3 +76,37 @@ def train_and_test(
     if trainer.is_global_zero:
         finish_stage(out_dir, cfg, metrics)
     return metrics
+
+
+def summary_metrics(report: Report, prefix: str) -> dict[str, float]:
+    """The headline numbers of a report as flat ``<prefix>/<name>`` scalars (for Hydra, W&B)."""
+    if report.metrics is None:
+        return {}
+    keys = ("image_accuracy", "patch_accuracy", "macro_auc", "n_images")
+    return {f"{prefix}/{k}": report.metrics[k] for k in keys if report.metrics[k] is not None}
+
+
+def publish_report(
+    cfg: DictConfig,
+    out_dir: Path,
+    results: list[ImageResult],
+    patches: Callable[[str], Any],
+    title: str,
+    min_tissue: float,
+    prefix: str,
+    parts: Path,
+) -> tuple[Report, dict[str, float]]:
+    """Write the report of evaluate or predict, drop the per-image ``parts`` it was made
+    from, log it (W&B); returns it and its headline metrics under ``prefix``."""
+    report = write_report(
+        out_dir,
+        results,
+        patches=patches,
+        title=title,
+        min_tissue=min_tissue,
+        n_examples=cfg.eval.examples,
+        seed=cfg.seed,
+    )
+    shutil.rmtree(parts, ignore_errors=True)
+    log_report(cfg, report, results, prefix)
+    return report, summary_metrics(report, prefix)

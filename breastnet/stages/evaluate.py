@@ -7,7 +7,6 @@ the W&B run.
 """
 
 import logging
-import shutil
 
 import numpy as np
 import torch
@@ -17,24 +16,15 @@ from omegaconf import DictConfig
 from breastnet.data.datamodule import BreastDataModule, FeatureDataset
 from breastnet.data.splits import SIDES
 from breastnet.distributed import on_rank_zero
-from breastnet.inference import image_result, load_image_model
+from breastnet.inference import image_embedder, image_result, load_image_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import Embedder
 from breastnet.prediction import predict_images
-from breastnet.reporting import Report, write_report
-from breastnet.tracking import log_report
+from breastnet.stages.common import publish_report
 
 log = logging.getLogger(__name__)
 
 SPLITS = (*SIDES, "all")
-
-
-def summary_metrics(report: Report, prefix: str) -> dict[str, float]:
-    """The headline numbers of a report as flat ``<prefix>/<name>`` scalars (for Hydra, W&B)."""
-    if report.metrics is None:
-        return {}
-    keys = ("image_accuracy", "patch_accuracy", "macro_auc", "n_images")
-    return {f"{prefix}/{k}": report.metrics[k] for k in keys if report.metrics[k] is not None}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -49,7 +39,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     sides = SIDES if split == "all" else (split,)
     if model.backbone is not None:  # end to end: the image model's own CNN embeds the patches
         dataset, ids = datamodule.inference_images(sides)
-        embedder = Embedder(model.backbone, model.aggregator, cfg.features.batch_size)
+        embedder = image_embedder(cfg, lineage, model)
     else:  # on the features stage's cached outputs
         cached = torch.load(lineage.features, weights_only=False)["images"]
         ids = [i for side in sides for i in datamodule.split[side] if i in cached]
@@ -71,18 +61,17 @@ def _report(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out) -
             )
         )
     split = cfg.eval.split
-    report = write_report(
+    report, metrics = publish_report(
+        cfg,
         out,
         results,
-        patches=lambda i: np.asarray(datamodule.cache.load(i)),
-        title=f"breastnet: {cfg.image_model.aggregator.name} on the {split} split",
-        min_tissue=datamodule.hparams.min_tissue,
-        n_examples=cfg.eval.examples,
-        seed=cfg.seed,
+        lambda i: np.asarray(datamodule.cache.load(i)),
+        f"breastnet: {cfg.image_model.aggregator.name} on the {split} split",
+        datamodule.hparams.min_tissue,
+        "eval",
+        out / ".parts",
     )
-    shutil.rmtree(out / ".parts", ignore_errors=True)
-    log_report(cfg, report, results, "eval")
     if report.metrics is not None:
         print(f"image accuracy on the {split} split: {report.metrics['image_accuracy']:.3f}")
     print(f"report: {report.html} (metrics.json, predictions.csv and the PNGs beside it)")
-    return summary_metrics(report, "eval")
+    return metrics

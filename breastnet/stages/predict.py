@@ -9,7 +9,6 @@ fails at the end, after writing everything, when any file did.
 """
 
 import logging
-import shutil
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -22,17 +21,13 @@ from breastnet.data.bach import (
     find_label_csv,
     folder_label,
     read_label_csv,
-    read_rgb,
 )
 from breastnet.data.datamodule import BreastDataModule
-from breastnet.data.store import normalise_and_tile
 from breastnet.distributed import on_rank_zero
 from breastnet.inference import ImageFiles, image_embedder, image_result, load_image_model
 from breastnet.lineage import Lineage
 from breastnet.prediction import predict_images
-from breastnet.reporting import write_report
-from breastnet.stages.evaluate import summary_metrics
-from breastnet.tracking import log_report
+from breastnet.stages.common import publish_report
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +80,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
         for f, image_id in zip(files, dataset.image_ids, strict=True):
             label = None if labels[f] is None else CLASSES.index(labels[f])
             results.append(image_result(outputs[image_id], str(f), label))
-        paths = {r.image_id: r.path for r in results}
-
-        def patches(image_id: str):  # only the few images the report draws are tiled again
-            image = read_rgb(paths[image_id])[0]
-            return normalise_and_tile(image, datamodule.tiling, datamodule.stain.normalizer())[0]
-
-        written = write_report(
+        index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+        written, metrics = publish_report(
+            cfg,
             out_dir,
             results,
-            patches=patches,
-            title=f"breastnet predictions: {root}",
-            min_tissue=datamodule.hparams.min_tissue,
-            n_examples=cfg.eval.examples,
-            seed=cfg.seed,
+            # only the few images the report draws are tiled again
+            lambda image_id: dataset.tile(index[image_id])[0],
+            f"breastnet predictions: {root}",
+            datamodule.hparams.min_tissue,
+            "predict",
+            out_dir / ".parts",
         )
-        shutil.rmtree(out_dir / ".parts", ignore_errors=True)
-        log_report(cfg, written, results, "predict")
-        metrics = summary_metrics(written, "predict")
         if "predict/image_accuracy" in metrics:
             print(f"image accuracy on {root}: {metrics['predict/image_accuracy']:.3f}")
         print(f"predictions: {written.predictions_csv}")
