@@ -17,6 +17,7 @@ global ``data.batch_size`` train the same model and share its artifacts.
 """
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -86,9 +87,17 @@ def stain_settings(stain: Any, entries: list[IndexEntry]) -> dict:
     return settings
 
 
-def cache_key(data_key: str, tiling: dict, stain: dict) -> str:
-    """Key of a patch cache: the data set, its stain reference and the tiling."""
-    return config_hash({"data": data_key, "tiling": tiling, "stain": stain})
+def cache_dir(work_dir: Path, data: Mapping[str, Any], stain: dict) -> Path:
+    """``work_dir/cache/<key>``: the data set (``data`` is ``cfg.data`` or the DataModule's
+    settings), its tiling and its stain reference (``stain_settings``)."""
+    key = config_hash(
+        {
+            "data": index_key(data["data_dir"], data["labels_csv"]),
+            "tiling": {k: data[k] for k in ("tile_size", "stride", "patch_size")},
+            "stain": stain,
+        }
+    )
+    return Path(work_dir) / "cache" / key
 
 
 @dataclass(frozen=True)
@@ -100,10 +109,6 @@ class Lineage:
     @property
     def work_dir(self) -> Path:
         return Path(self.cfg.data.work_dir).expanduser().resolve()
-
-    @cached_property
-    def data_key(self) -> str:
-        return index_key(self.cfg.data.data_dir, self.cfg.data.labels_csv)
 
     @property
     def index(self) -> Path:
@@ -133,9 +138,7 @@ class Lineage:
 
     @cached_property
     def cache(self) -> Path:
-        data = self.cfg.data
-        tiling = {k: data[k] for k in ("tile_size", "stride", "patch_size")}
-        return self.work_dir / "cache" / cache_key(self.data_key, tiling, self.stain)
+        return cache_dir(self.work_dir, self.cfg.data, self.stain)
 
     @cached_property
     def patch(self) -> Path:

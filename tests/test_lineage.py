@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 
 from breastnet.cli import run_stages
 from breastnet.lineage import Lineage
@@ -27,7 +28,7 @@ TABLE = {
     "data.tile_size=16": DOWNSTREAM["cache"],
     "stain=none": DOWNSTREAM["cache"],
     "data.split_seed=7": DOWNSTREAM["split"] - {"cache"},
-    "data.groups=blocks:2": DOWNSTREAM["split"] - {"cache"},
+    "data.groups=blocks:1": DOWNSTREAM["split"] - {"cache"},
     "data.folds=2": DOWNSTREAM["split"] - {"cache"},
     "patch_model.optimizer.lr=0.5": DOWNSTREAM["patch"],
     "data.batch_size=32": DOWNSTREAM["patch"],
@@ -73,6 +74,18 @@ def test_what_a_change_moves(indexed: tuple[Path, Path], override: str) -> None:
     base, changed = keys(indexed), keys(indexed, override)
     moved = {name for name in ARTIFACTS if base[name] != changed[name]}
     assert moved == TABLE[override]
+
+
+@pytest.mark.parametrize("override", ["stain=none", "data.groups=blocks:1", "data.folds=2"])
+def test_the_datamodule_uses_the_lineage_paths(indexed: tuple[Path, Path], override: str) -> None:
+    """Prepare writes the split and cache where the lineage says later stages find them."""
+    root, data = indexed
+    cfg = compose_config(root, *BASE, f"data.data_dir={data}", override)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    lineage = Lineage(cfg)
+    assert datamodule.index_path == lineage.index
+    assert datamodule.split_path == lineage.split and datamodule.cache.root == lineage.cache
 
 
 def test_another_data_set_gets_its_own_index_and_cache(

@@ -335,9 +335,7 @@ class BreastDataModule(pl.LightningDataModule):
             self._reference(entries, settings, build),
             **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
         )
-        data_key = lineage.index_key(self.data_dir, hp.labels_csv)
-        key = lineage.cache_key(data_key, vars(self.tiling), settings)
-        self.cache = PatchCache(self.work_dir / "cache" / key)
+        self.cache = PatchCache(lineage.cache_dir(self.work_dir, hp, settings))
         usable = [e for e in entries if e.usable]
         if build:
             self.records = self.cache.build(
