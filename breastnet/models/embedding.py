@@ -28,11 +28,13 @@ def embed_patches(
 ) -> tuple[Tensor, Tensor]:
     """Features [P, D] and class probabilities [P, C] of uint8 patches [P, 3, S, S].
 
-    ``chunk_size`` patches per forward call bound the transient memory; with ``tta`` both are
-    means over the 8 dihedral views of each patch.
+    With ``tta`` both are means over the 8 dihedral views of each patch. ``chunk_size`` images
+    per forward call, views included, bound the transient memory (and, on a CPU, the batch:
+    MobileNetV2 at 224 px ran 48 img/s in batches of 8, 32 at 64, 21 at 256 on 2 cores).
     """
+    views = 8 if tta else 1
     features, probs = [], []
-    for chunk in patches.split(chunk_size):
+    for chunk in patches.split(max(1, chunk_size // views)):
         views = list(dihedral(chunk)) if tta else [chunk]
         view_features = [net.forward_features(net.normalize(v)) for v in views]  # each B x D
         view_probs = [net.forward_head(f).softmax(1) for f in view_features]  # each B x C
