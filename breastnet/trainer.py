@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_info
 
+from breastnet.data.datamodule import sample_seed
 from breastnet.distributed import in_multirun
 from breastnet.lineage import container
 
@@ -17,18 +18,23 @@ log = logging.getLogger(__name__)
 
 
 class EpochSeed(pl.Callback):
-    """Reseed the global RNGs (dropout...) at each epoch start from (seed, epoch).
+    """Reseed the global RNGs (dropout...) before each training batch from (seed, epoch, batch).
 
-    With the DataModule's ``EpochShuffle`` (order and per-sample augmentation seeds), a run
-    resumed from ``last.ckpt`` draws what an uninterrupted one draws, and ends with the same
-    weights.
+    What a batch draws then depends on nothing that ran before it in the process: not on
+    when Lightning builds the DataLoader iterator and starts its workers (before the epoch's
+    hooks when it resumes, after them otherwise). With the DataModule's ``EpochShuffle``
+    (order and per-sample augmentation seeds), a run resumed from ``last.ckpt`` draws what an
+    uninterrupted one draws, and ends with the same weights.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        seed = sample_seed(self.seed, trainer.current_epoch, batch_idx)
+        pl.seed_everything(seed % 2**32, workers=True, verbose=False)
 
 
 class LogConfig(pl.Callback):

@@ -86,19 +86,33 @@ class _StopAfterFirstEpoch(EpochSeed):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == 1:
             raise KeyboardInterrupt
-        super().on_train_epoch_start(trainer, pl_module)
 
 
+class _StopMidSecondEpoch(EpochSeed):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            raise KeyboardInterrupt
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("stop", "loader"),
+    [
+        (_StopAfterFirstEpoch, ["data.num_workers=0"]),
+        # Workers prefetch before Lightning sets the resumed epoch on the sampler.
+        (_StopMidSecondEpoch, ["data.num_workers=2", "data.persistent_workers=true"]),
+    ],
+)
 def test_interrupted_training_resumes_to_the_same_weights(
-    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type, loader: list[str]
 ) -> None:
-    args = [*SMALL, f"data.data_dir={demo}", "stages=[prepare,patch]"]
+    args = [*SMALL, f"data.data_dir={demo}", "stages=[prepare,patch]", *loader]
     straight = make_cfg(tmp_path / "a", *args)
     run_stages(straight)
     (a_dir,) = (tmp_path / "a" / "work" / "patch").iterdir()
 
     resumed = make_cfg(tmp_path / "b", *args)
-    monkeypatch.setattr(common, "EpochSeed", _StopAfterFirstEpoch)
+    monkeypatch.setattr(common, "EpochSeed", stop)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl-C
         run_stages(resumed)
     (b_dir,) = (tmp_path / "b" / "work" / "patch").iterdir()

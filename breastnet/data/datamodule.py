@@ -422,7 +422,10 @@ class BreastDataModule(pl.LightningDataModule):
         workers = self.hparams.num_workers
         sampler: DistributedSampler | None = None
         if shuffle:
-            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            # The epoch Lightning will set (processed, not completed epochs): resuming from an
+            # end-of-epoch checkpoint it makes the iterator, and with workers prefetches from
+            # it, before it sets the sampler's epoch, while current_epoch still says one less.
+            epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0
             sampler = EpochShuffle(dataset, self.hparams.seed, epoch, world, rank)
         elif world > 1:
             sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
