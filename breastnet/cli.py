@@ -43,8 +43,9 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed + PIPELINE.index(name), workers=True, verbose=False)
         metrics |= stage.run(cfg)
         distributed.barrier()
-    for key, value in metrics.items():
-        log.info("%s: %s", key, value)
+    if distributed.rank() == 0:
+        for key, value in metrics.items():
+            log.info("%s: %s", key, value)
     return metrics
 
 
