@@ -17,13 +17,16 @@ frozen MobileNetV2 features, distinct <= 0.85 and flipped or re-encoded copies >
 features route misses rescaled copies (other tiles) and, without TTA, quarter turns; the
 image route misses crops.
 
-``python -m breastnet.audit <features.pt | image folder> <split.json> [--threshold T]``
+The prepare stage audits its split by thumbnails (``audit_split``; ``audit.enabled``,
+``audit.threshold``) and warns when near-duplicates cross it; evaluate shows the closest pairs.
+Any folder and split file: ``python -m breastnet.audit <features.pt | folder> <split.json>``.
 """
 
 import argparse
 import csv
 import io
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from breastnet.artifacts import write_json, write_text
-from breastnet.data.bach import DataError, find_images, read_rgb
+from breastnet.artifacts import atomic_write, write_json, write_text
+from breastnet.data.bach import DataError, IndexEntry, data_fingerprint, find_images, read_rgb
+
+log = logging.getLogger(__name__)
 
 THUMBNAIL = 32
 # Cosine at and above which a pair counts as a near-duplicate, per descriptor kind.
@@ -130,6 +135,55 @@ def crossing_pairs(
 ) -> list[Match]:
     """The val/test images with a near-duplicate in train (what prepare/evaluate warn about)."""
     return [m for m in audit(descriptors, split, threshold) if m.near_duplicates]
+
+
+def cached_image_descriptors(
+    work_dir: Path, entries: Sequence[IndexEntry]
+) -> dict[str, np.ndarray]:
+    """``image_descriptors`` of the usable images, computed once per data set (every split and
+    fold of it reuses them): ``work_dir/audit/<data fingerprint>.npz``."""
+    usable = [e for e in entries if e.usable]
+    path = Path(work_dir) / "audit" / f"{data_fingerprint(usable)}.npz"
+    if path.is_file():
+        saved = np.load(path)
+        return dict(zip(saved["ids"].tolist(), saved["descriptors"], strict=True))
+    descriptors = image_descriptors({e.image_id: e.path for e in usable})
+    ids = list(descriptors)
+    stacked = np.stack([descriptors[i] for i in ids]).astype(np.float32)
+    atomic_write(path, lambda f: np.savez(f, ids=np.array(ids), descriptors=stacked))
+    return descriptors
+
+
+def audit_split(
+    work_dir: Path, entries: Sequence[IndexEntry], split_path: Path, threshold: float
+) -> dict:
+    """The thumbnail audit of one split file, kept beside it (``<split>.audit.json``/``.csv``)
+    and redone only when the threshold changes; warns when near-duplicates cross the split.
+
+    Returns:
+        The audit JSON: ``descriptor``, ``threshold``, ``flagged`` (val/test images with a
+        near-duplicate in train) and ``matches`` (most similar first).
+    """
+    out = split_path.with_suffix(".audit.json")
+    if out.is_file() and (saved := json.loads(out.read_text()))["threshold"] == threshold:
+        return saved
+    split = json.loads(split_path.read_text())
+    matches = audit(cached_image_descriptors(work_dir, entries), split, threshold)
+    _write(out, matches, threshold, "images")
+    flagged = [m for m in matches if m.near_duplicates]
+    if flagged:
+        pairs = "; ".join(f"{m.image_id} ~ {m.train_id} ({m.similarity:.3f})" for m in flagged[:3])
+        log.warning(
+            "%d of %d val/test images have a near-duplicate among the training images (thumbnail "
+            "cosine >= %g), e.g. %s: accuracy on this split is optimistic. Group images by "
+            "source (data.groups, e.g. a patient column or blocks:10 for BACH); pairs in %s",
+            len(flagged),
+            len(matches),
+            threshold,
+            pairs,
+            out,
+        )
+    return json.loads(out.read_text())
 
 
 def _write(out: Path, matches: list[Match], threshold: float, kind: str) -> None:

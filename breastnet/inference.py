@@ -29,7 +29,7 @@ from breastnet.models.patch_classifier import PatchClassifier
 from breastnet.reporting import ImageResult
 
 # Keys of conf/image_model that the image stage reads; the rest builds the LightningModule.
-IMAGE_STAGE_KEYS = ("max_epochs", "batch_size", "end_to_end")
+IMAGE_STAGE_KEYS = ("max_epochs", "batch_size", "end_to_end", "train_features", "oof_folds")
 
 
 def _best_checkpoint(out_dir: Path, stage: str) -> Path:

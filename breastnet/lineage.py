@@ -5,10 +5,13 @@ inputs, computed from the config and the data set's index alone (no DataModule, 
 
     index    <- data_dir, labels_csv
     split    <- index (data fingerprint), ratios/folds, split seed, source grouping
-    stain    <- stain settings, the reference (auto: the data fingerprint; a file: its sha1)
+    inner    <- split, inner fold k of K (the out-of-fold patch models)
+    stain    <- stain settings, the reference (auto: the data fingerprint; train: the split;
+                a file: its sha1)
     cache    <- index key, stain, tiling
-    patch    <- cache, split, augmentation, global batch, patch model, training settings, seed
-    features <- patch, TTA
+    patch    <- cache, split (or inner split), augmentation, global batch, patch model,
+                training settings, seed
+    features <- patch, TTA; out-of-fold: the number of inner patch models
     image    <- features (end to end: patch), image model, training settings, seed
     report   <- image, evaluated split
 
@@ -28,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from breastnet.artifacts import config_hash
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
-from breastnet.data.splits import split_name
+from breastnet.data.splits import inner_name, split_name
 
 # Trainer keys that say where a run executes, not what it learns: left out of model keys.
 PLACEMENT_KEYS = frozenset(
@@ -46,6 +49,10 @@ PLACEMENT_KEYS = frozenset(
     }
 )
 STAIN_KEYS = ("method", "solver", "luminosity_threshold", "angular_percentile")
+# image_model keys of the out-of-fold features (the features key holds them).
+OOF_KEYS = ("train_features", "oof_folds")
+# stain.reference values that pick an image of the data: any (`auto`) or the training side's.
+PICKED_REFERENCES = ("auto", "train")
 
 
 def container(node: Any) -> Any:
@@ -70,8 +77,9 @@ def index_path(work_dir: Path, data_dir: str | Path, labels_csv: str | None) -> 
     return Path(work_dir) / "index" / f"{index_key(data_dir, labels_csv)}.csv"
 
 
-def stain_settings(stain: Any, entries: list[IndexEntry]) -> dict:
-    """What identifies a fitted Macenko reference (``method: none``: no stain work)."""
+def stain_settings(stain: Any, entries: list[IndexEntry], split: str) -> dict:
+    """What identifies a fitted Macenko reference (``method: none``: no stain work); ``split``
+    is the split file's stem, which a reference picked from the training side depends on."""
     if stain["method"] == "none":
         return {"method": "none"}
     if stain["method"] != "macenko":
@@ -79,6 +87,8 @@ def stain_settings(stain: Any, entries: list[IndexEntry]) -> dict:
     settings = {k: stain[k] for k in STAIN_KEYS}
     if stain["reference"] == "auto":
         settings["reference"] = "auto:" + bach.data_fingerprint(entries)
+    elif stain["reference"] == "train":
+        settings["reference"] = "train:" + split
     else:
         path = Path(stain["reference"]).expanduser().resolve()
         if not path.is_file():
@@ -102,9 +112,11 @@ def cache_dir(work_dir: Path, data: Mapping[str, Any], stain: dict) -> Path:
 
 @dataclass(frozen=True)
 class Lineage:
-    """Every artifact path of one composed config (``cfg.data`` etc.)."""
+    """Every artifact path of one composed config (``cfg.data`` etc.); with ``inner`` (k, K),
+    those of out-of-fold patch model k of K (its split and patch model)."""
 
     cfg: DictConfig
+    inner: tuple[int, int] | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -125,7 +137,8 @@ class Lineage:
         return bach.read_index(self.index)
 
     @cached_property
-    def split(self) -> Path:
+    def outer_split(self) -> Path:
+        """The split file of ``data.split``/``data.folds`` (the one the report scores)."""
         data = self.cfg.data
         seed = data.seed if data.get("split_seed") is None else data.split_seed
         fingerprint = bach.data_fingerprint(self.entries)
@@ -133,8 +146,31 @@ class Lineage:
         return self.work_dir / "splits" / f"{name}.json"
 
     @cached_property
+    def split(self) -> Path:
+        """The split this lineage's patch model trains on: the outer one or an inner one."""
+        if self.inner is None:
+            return self.outer_split
+        return self.outer_split.with_name(f"{inner_name(self.outer_split.stem, *self.inner)}.json")
+
+    @property
+    def oof_folds(self) -> int | None:
+        """K when the image model trains on out-of-fold features, else None."""
+        settings = self.cfg.image_model
+        if settings.train_features not in ("in_sample", "oof"):
+            raise ValueError(
+                f"image_model.train_features must be in_sample or oof, got "
+                f"{settings.train_features!r}"
+            )
+        return settings.oof_folds if settings.train_features == "oof" else None
+
+    def inner_models(self) -> list["Lineage"]:
+        """The lineages of the K out-of-fold patch models (none for in-sample features)."""
+        k = self.oof_folds
+        return [Lineage(self.cfg, (i, k)) for i in range(k)] if k else []
+
+    @cached_property
     def stain(self) -> dict:
-        return stain_settings(self.cfg.data.stain, self.entries)
+        return stain_settings(self.cfg.data.stain, self.entries, self.outer_split.stem)
 
     @cached_property
     def cache(self) -> Path:
@@ -158,7 +194,10 @@ class Lineage:
 
     @cached_property
     def features(self) -> Path:
-        key = config_hash({"patch": self.patch.name, "tta": self.cfg.features.tta})
+        settings = {"patch": self.patch.name, "tta": self.cfg.features.tta}
+        if self.oof_folds:  # in-sample features keep the key they had before oof existed
+            settings["oof_folds"] = self.oof_folds
+        key = config_hash(settings)
         return self.work_dir / "features" / f"{key}.pt"
 
     @cached_property
@@ -167,10 +206,13 @@ class Lineage:
         upstream = self.patch.name if cfg.image_model.end_to_end else self.features.stem
         trainer = training_settings(cfg.trainer)
         trainer.pop("max_epochs", None)  # the image model's own max_epochs replaces it
+        settings = container(cfg.image_model)
+        for name in OOF_KEYS:  # in the features key already
+            settings.pop(name, None)
         key = config_hash(
             {
                 "upstream": upstream,
-                "image_model": container(cfg.image_model),
+                "image_model": settings,
                 "trainer": trainer,
                 "seed": cfg.seed,
             }

@@ -96,3 +96,51 @@ def test_features_file_near_duplicates(tmp_path: Path) -> None:
     pairs = crossing_pairs(descriptors, split, THRESHOLDS[kind])
     assert [(m.image_id, m.train_id) for m in pairs] == [("Benign/copy", "Benign/b004")]
     assert crossing_pairs(descriptors, {**split, "test": []}, THRESHOLDS[kind]) == []
+
+
+def test_prepare_warns_about_copies_across_its_split(
+    generated, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each class gets a flipped copy of one of its images; prepare's audit flags exactly the
+    copies its random split put on the other side of the train/val-test line."""
+    from breastnet.cli import run_stages
+
+    from conftest import compose_config
+
+    source, _ = generated
+    root = tmp_path / "data"
+    copies = {}
+    for path in find_images(source):
+        target = root / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        image_id = path.relative_to(source).with_suffix("").as_posix()
+        if image_id.endswith("000"):
+            copy = target.with_name(f"copy{target.name}")
+            COPIES["flipped"](read_rgb(path)[0]).save(copy)
+            copies[copy.relative_to(root).with_suffix("").as_posix()] = image_id
+    cfg = compose_config(
+        tmp_path,
+        "stages=[prepare]",
+        "experiment=demo",
+        f"data.data_dir={root}",
+        "data.tile_size=64",
+        "data.stride=64",
+        "data.patch_size=32",
+        "data.prepare_workers=0",
+        "logger=none",
+    )
+    with caplog.at_level("WARNING", logger="breastnet.audit"):
+        metrics = run_stages(cfg)
+    (split_path,) = (tmp_path / "work" / "splits").glob("*[0-9a-f].json")
+    split = json.loads(split_path.read_text())
+    side = {i: s for s, ids in split.items() for i in ids}
+    across = {  # the val/test member of each pair split by the train line
+        (a if side[a] != "train" else b)
+        for a, b in copies.items()
+        if (side[a] == "train") != (side[b] == "train")
+    }
+    saved = json.loads(split_path.with_suffix(".audit.json").read_text())
+    assert {m["image_id"] for m in saved["matches"] if m["near_duplicates"]} == across
+    assert metrics["data/near_duplicates"] == len(across) > 0
+    assert f"{len(across)} of {len(saved['matches'])} val/test images" in caplog.text

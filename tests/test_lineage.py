@@ -35,6 +35,8 @@ TABLE = {
     "trainer.precision=bf16-mixed": DOWNSTREAM["patch"],
     "+trainer.gradient_clip_val=1.0": DOWNSTREAM["patch"],
     "features.tta=true": DOWNSTREAM["features"],
+    "image_model.train_features=oof": DOWNSTREAM["features"],
+    "stain.reference=train": DOWNSTREAM["cache"],
     "image_model=attention": DOWNSTREAM["image"],
     "image_model.max_epochs=3": DOWNSTREAM["image"],
     "image_model.end_to_end=true": DOWNSTREAM["image"],
@@ -76,7 +78,9 @@ def test_what_a_change_moves(indexed: tuple[Path, Path], override: str) -> None:
     assert moved == TABLE[override]
 
 
-@pytest.mark.parametrize("override", ["stain=none", "data.groups=blocks:1", "data.folds=2"])
+@pytest.mark.parametrize(
+    "override", ["stain=none", "data.groups=blocks:1", "data.folds=2", "stain.reference=train"]
+)
 def test_the_datamodule_uses_the_lineage_paths(indexed: tuple[Path, Path], override: str) -> None:
     """Prepare writes the split and cache where the lineage says later stages find them."""
     root, data = indexed
@@ -86,6 +90,20 @@ def test_the_datamodule_uses_the_lineage_paths(indexed: tuple[Path, Path], overr
     lineage = Lineage(cfg)
     assert datamodule.index_path == lineage.index
     assert datamodule.split_path == lineage.split and datamodule.cache.root == lineage.cache
+
+
+def test_inner_models_have_their_own_split_and_patch_keys(indexed: tuple[Path, Path]) -> None:
+    root, data = indexed
+    cfg = compose_config(root, *BASE, f"data.data_dir={data}", "image_model.train_features=oof")
+    outer = Lineage(cfg)
+    inner = outer.inner_models()
+    assert [m.inner for m in inner] == [(k, 5) for k in range(5)]
+    assert len({m.patch for m in [outer, *inner]}) == 6
+    assert {m.cache for m in inner} == {outer.cache}  # the same patches, other training sides
+    datamodule = instantiate(cfg.data, inner_fold=(1, 2))
+    datamodule.setup()
+    assert datamodule.split_path == Lineage(cfg, (1, 2)).split
+    assert datamodule.split_path.stem == f"{outer.split.stem}-inner1of2"
 
 
 def test_another_data_set_gets_its_own_index_and_cache(

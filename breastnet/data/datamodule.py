@@ -11,6 +11,7 @@ of an image in grid order, padded to the longest image of the batch with a mask;
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,10 @@ class BreastDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         features_path: str | None = None,
+        inner_fold: tuple[int, int] | None = None,
     ) -> None:
-        """See ``conf/data/bach.yaml`` for what each setting means."""
+        """See ``conf/data/bach.yaml`` for what each setting means; ``inner_fold`` (k, K), set
+        by the patch and features stages, selects inner split k of K (out-of-fold models)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -293,9 +296,14 @@ class BreastDataModule(pl.LightningDataModule):
             else:
                 self.datasets[side] = ImageDataset(self.cache, records, labels, transform)
 
-    def inference_images(self, sides: Sequence[str] = SIDES) -> tuple[ImageDataset, list[str]]:
-        """Every image of ``sides`` as an un-augmented ``ImageDataset``, and its ids in order."""
-        ids = [i for side in sides for i in self.split[side] if i in self.records]
+    def inference_images(
+        self, sides: Sequence[str] = SIDES, image_ids: Sequence[str] | None = None
+    ) -> tuple[ImageDataset, list[str]]:
+        """Every image of ``sides`` (or the ``image_ids``) as an un-augmented ``ImageDataset``,
+        and its ids in order."""
+        if image_ids is None:
+            image_ids = [i for side in sides for i in self.split[side]]
+        ids = [i for i in image_ids if i in self.records]
         labels = {e.image_id: e.label_index for e in self.entries}
         transform = build_transforms(False, **self._augment_kwargs())
         return ImageDataset(self.cache, [self.records[i] for i in ids], labels, transform), ids
@@ -318,7 +326,8 @@ class BreastDataModule(pl.LightningDataModule):
         """Find (``build``: make) the split, stain reference and cache for these entries."""
         hp = self.hparams
         self.entries = entries
-        self.split, self.split_path = load_or_make_split(
+        locate_split = partial(
+            load_or_make_split,
             self.work_dir,
             entries,
             tuple(hp.split),
@@ -330,9 +339,13 @@ class BreastDataModule(pl.LightningDataModule):
             data_dir=self.data_dir,
             labels_csv=hp.labels_csv,
         )
-        settings = lineage.stain_settings(hp.stain, entries)
+        outer, outer_path = locate_split()
+        self.split, self.split_path = (
+            (outer, outer_path) if hp.inner_fold is None else locate_split(inner=hp.inner_fold)
+        )
+        settings = lineage.stain_settings(hp.stain, entries, outer_path.stem)
         self.stain = stain = StainSettings(
-            self._reference(entries, settings, build),
+            self._reference(entries, settings, build, outer["train"]),
             **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
         )
         self.cache = PatchCache(lineage.cache_dir(self.work_dir, hp, settings))
@@ -357,7 +370,7 @@ class BreastDataModule(pl.LightningDataModule):
         )
 
     def _reference(
-        self, entries: list[IndexEntry], settings: dict, build: bool
+        self, entries: list[IndexEntry], settings: dict, build: bool, train: Sequence[str]
     ) -> StainReference | None:
         """The fitted Macenko reference of these ``settings`` (None: no stain work)."""
         if settings["method"] == "none":
@@ -368,8 +381,11 @@ class BreastDataModule(pl.LightningDataModule):
         if not build:
             raise FileNotFoundError(f"{path} not found: run the prepare stage first")
         stain = self.hparams.stain
-        auto = stain.reference == "auto"
-        ref_path = Path(self._pick_reference(entries).path if auto else stain.reference)
+        if stain.reference in lineage.PICKED_REFERENCES:
+            pool = set(train) if stain.reference == "train" else None
+            ref_path = Path(self._pick_reference(entries, pool).path)
+        else:
+            ref_path = Path(stain.reference)
         image, _ = bach.read_rgb(ref_path.expanduser())
         normalizer = MacenkoNormalizer(
             solver=stain.solver,
@@ -380,12 +396,12 @@ class BreastDataModule(pl.LightningDataModule):
         log.info("stain reference: %s", ref_path)
         return normalizer.reference
 
-    def _pick_reference(self, entries: list[IndexEntry]) -> IndexEntry:
-        """The most typical image's stains (label-free, over every usable image).
-
-        Not per split or fold on purpose: then every fold shares one patch cache.
+    def _pick_reference(self, entries: list[IndexEntry], pool: set[str] | None) -> IndexEntry:
+        """The most typical image's stains, label-free, among the usable images of ``pool``
+        (None: every image, so every fold shares one patch cache; transductive, as it looks at
+        the test images' colours too).
         """
-        usable = [e for e in entries if e.usable]
+        usable = [e for e in entries if e.usable and (pool is None or e.image_id in pool)]
         stain = self.hparams.stain
 
         def small(entry: IndexEntry) -> np.ndarray:

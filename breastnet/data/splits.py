@@ -249,6 +249,48 @@ def split_summary(
     return {"groups": spec, "n_images": n_images, "n_groups": n_groups, "text": text}
 
 
+# -- inner folds: the out-of-fold patch models --------------------------------------------
+def inner_folds(
+    split: Mapping[str, Sequence[str]],
+    entries: list[IndexEntry],
+    folds: int,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+) -> list[list[str]]:
+    """The training images of ``split`` dealt into ``folds`` class-stratified folds, whole
+    source groups kept together: what each out-of-fold patch model leaves out.
+
+    Raises:
+        DataError: a class with fewer training groups (images) than ``folds``.
+    """
+    train = set(split["train"])
+    inside = [e for e in entries if e.image_id in train]
+    ids, labels, group = _grouped(inside, groups or {i: i for i in train})
+    for label, n in _groups_per_class(labels, group).items():
+        if n < folds:
+            raise DataError(
+                f"class {label} has {n} source group(s) among the training images: fewer than "
+                f"image_model.oof_folds={folds}"
+            )
+    dealer = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    return [sorted(ids[held].tolist()) for _, held in dealer.split(ids, labels, group)]
+
+
+def inner_name(outer: str, fold: int, folds: int) -> str:
+    """Stem of inner split ``fold`` of ``folds`` inside the split file ``outer``."""
+    return f"{outer}-inner{fold}of{folds}"
+
+
+def inner_split(split: Mapping[str, Sequence[str]], held: Sequence[str]) -> dict[str, list[str]]:
+    """Train without ``held``, the same val (model selection), ``held`` as the test side."""
+    left_out = set(held)
+    return {
+        "train": [i for i in split["train"] if i not in left_out],
+        "val": list(split["val"]),
+        "test": sorted(held),
+    }
+
+
 # -- the split file -------------------------------------------------------------------------
 def split_name(
     ratios: Sequence[float],
@@ -286,6 +328,7 @@ def load_or_make_split(
     split_seed: int | None = None,
     data_dir: str | Path | None = None,
     labels_csv: str | Path | None = None,
+    inner: tuple[int, int] | None = None,
 ) -> tuple[dict[str, list[str]], Path]:
     """The split for these settings and data: read from ``work_dir/splits`` or made once.
 
@@ -297,6 +340,8 @@ def load_or_make_split(
         groups: ``data.groups`` spec (None: by image).
         split_seed: ``data.split_seed``.
         data_dir, labels_csv: where a CSV-column spec finds the label CSV.
+        inner: (k, K): inner split k of K of this split (``inner_split``) instead, the data
+            of out-of-fold patch model k.
 
     Raises:
         DataError: too few groups for the split, or a split file read back whose groups
@@ -313,12 +358,19 @@ def load_or_make_split(
                 f"{path}: groups on two sides ({', '.join(crossing[:5])}): the groups changed "
                 "since this split was written; delete it to make a new one"
             )
-        return split, path
-    if folds:
+    elif folds:
         val_fraction = ratios[1] / (ratios[0] + ratios[1])
         split = kfold_split(entries, folds, fold, val_fraction, seed, by_group)
     else:
         split = holdout_split(entries, ratios, seed, by_group)
-    write_json(path, split)
-    log.info("split %s: %s", path.name, split_summary(split, by_group, groups)["text"])
-    return split, path
+    if not path.is_file():
+        write_json(path, split)
+        log.info("split %s: %s", path.name, split_summary(split, by_group, groups)["text"])
+    if inner is None:
+        return split, path
+    k, n = inner
+    inner_path = path.with_name(f"{inner_name(path.stem, k, n)}.json")
+    if not inner_path.is_file():
+        held = inner_folds(split, entries, n, seed, by_group)[k]
+        write_json(inner_path, inner_split(split, held))
+    return json.loads(inner_path.read_text()), inner_path

@@ -4,7 +4,9 @@ With the best patch checkpoint, every image of every split gets its ``[N, D]`` f
 sequence (row-major grid order), grid positions and patch probabilities, saved in
 ``work_dir/features/<hash>.pt``: the image model and the plots read them without the CNN.
 Every rank embeds its share of the images (``Trainer.predict``); each image is kept as soon as
-it is done, so an interrupted stage resumes with the images it had not finished.
+it is done, so an interrupted stage resumes with the images it had not finished. With
+``image_model.train_features=oof`` each training image is embedded by the out-of-fold patch
+model that did not train on it, and each image records which patch model embedded it.
 """
 
 import json
@@ -36,15 +38,39 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not (out.is_file() and summary.is_file()):
         datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
         datamodule.setup()
-        model = load_patch_model(cfg, lineage)
-        dataset, ids = datamodule.inference_images()
-        embedder = Embedder(model.net, chunk_size=cfg.features.batch_size, tta=cfg.features.tta)
         parts = out.with_suffix(".parts")
-        outputs = predict_images(cfg, embedder, dataset, ids, parts, "features")
+        outputs: dict[str, dict] = {}
+        for model, ids in _assignments(cfg, lineage, datamodule):
+            dataset, ids = datamodule.inference_images(image_ids=ids)
+            embedder = Embedder(
+                load_patch_model(cfg, model).net,
+                chunk_size=cfg.features.batch_size,
+                tta=cfg.features.tta,
+            )
+            name = "features" if model.inner is None else f"features (oof {model.inner[0]})"
+            found = predict_images(cfg, embedder, dataset, ids, parts / model.patch.name, name)
+            outputs.update({i: {**o, "patch_model": model.patch.name} for i, o in found.items()})
         on_rank_zero(lambda: _save(cfg, datamodule, outputs, out, parts))
     else:
         log.info("features already extracted: %s", out)
     return json.loads(summary.read_text())
+
+
+def _assignments(
+    cfg: DictConfig, lineage: Lineage, datamodule: BreastDataModule
+) -> list[tuple[Lineage, list[str]]]:
+    """Which patch model embeds which images: the full one every image (in-sample), or the
+    val/test images, with each training image embedded by the out-of-fold model whose
+    inner split held it out (``oof``)."""
+    split = datamodule.split
+    inner = lineage.inner_models()
+    if not inner:
+        return [(lineage, [i for side in SIDES for i in split[side]])]
+    plan = [(lineage, [*split["val"], *split["test"]])]
+    for model in inner:
+        held = json.loads(model.split.read_text())["test"]
+        plan.append((model, held))
+    return plan
 
 
 def _save(
@@ -71,9 +97,15 @@ def _save(
                 "tissue": tissue,
                 "label": labels[image_id],
                 "split": side,
+                "patch_model": output["patch_model"],  # the patch/<key> that embedded it
             }
         metrics[f"features/patch_acc_{side}"] = right / max(counted, 1)
-    saved = {"classes": list(CLASSES), "tta": cfg.features.tta, "images": images}
+    saved = {
+        "classes": list(CLASSES),
+        "tta": cfg.features.tta,
+        "train_features": cfg.image_model.train_features,
+        "images": images,
+    }
     atomic_write(out, lambda f: torch.save(saved, f))
     write_json(out.with_suffix(".json"), metrics)
     shutil.rmtree(parts, ignore_errors=True)

@@ -24,6 +24,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     settings, lineage = cfg.image_model, Lineage(cfg)
     if not settings.end_to_end and not lineage.features.is_file():
         raise FileNotFoundError(f"{lineage.features} not found: run the features stage first")
+    if settings.end_to_end and lineage.oof_folds:
+        raise ValueError(
+            "image_model.train_features=oof needs the features stage's cached features: it does "
+            "not apply with image_model.end_to_end=true"
+        )
     out = lineage.image
     if (done := finished_metrics(out)) is not None:
         log.info("image model already trained: %s", out)

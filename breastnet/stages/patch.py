@@ -2,11 +2,14 @@
 
 Writes ``work_dir/patch/<hash>/{best,last}.ckpt`` (``breastnet.lineage`` says what the hash
 covers), so folds and sweep jobs never overwrite each other. An interrupted run resumes from
-``last.ckpt``.
+``last.ckpt``. With ``image_model.train_features=oof`` it then trains the K out-of-fold models,
+each on the training images without one inner fold (validated on the same val images), whose
+test side is that fold: their test accuracy is the out-of-fold patch accuracy.
 """
 
 import logging
 
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -19,12 +22,25 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (or resume, or reuse) the patch model; returns val/test patch accuracy."""
-    out = Lineage(cfg).patch
+    """Train (or resume, or reuse) the patch model and any out-of-fold ones; returns val/test
+    patch accuracy (and ``patch/oof_acc``, the mean over the out-of-fold models)."""
+    lineage = Lineage(cfg)
+    metrics = _train(cfg, lineage)
+    if inner := lineage.inner_models():
+        held_out = [_train(cfg, model)["patch/test_acc"] for model in inner]
+        metrics["patch/oof_acc"] = float(np.mean(held_out))
+    return metrics
+
+
+def _train(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
+    out = lineage.patch
     if (done := finished_metrics(out)) is not None:
         log.info("patch model already trained: %s", out)
         return done
-    datamodule: BreastDataModule = instantiate(cfg.data, mode="patch")
+    if lineage.inner is not None:
+        k, n = lineage.inner
+        log.info("out-of-fold patch model %d of %d: %s", k + 1, n, out)
+    datamodule: BreastDataModule = instantiate(cfg.data, mode="patch", inner_fold=lineage.inner)
     datamodule.setup()
     model = instantiate(cfg.patch_model)
     return train_and_test(cfg, model, datamodule, out, "patch", cfg.patch.early_stopping_patience)

@@ -3,7 +3,8 @@ fine-tuning; a logistic regression on the training patches; an image's class = t
 patch probabilities. Same images, tiles and splits as the pipeline (the split files in
 work_dir), so its numbers sit in the same table as ``experiment=bach_cpu``.
 
-    python experiments/bach_cpu/baseline_frozen.py --work-dir /tmp/bc/work --folds 5
+    python experiments/bach_cpu/baseline_frozen.py --work-dir /tmp/bc/work --folds 5 \
+        --groups image blocks:10
 
 ``--tile``/``--size`` and ``--stain-reference`` (the Macenko reference prepare wrote to
 ``work_dir/stain/``) turn it into a probe of which tile scale and colour handling carry the
@@ -13,6 +14,7 @@ signal, without any training.
 import argparse
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +74,13 @@ def main() -> None:
     parser.add_argument("--weights", default=WEIGHTS)
     parser.add_argument("--work-dir", type=Path, default=Path("work"))
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=2019)
+    parser.add_argument("--seed", type=int, default=2019, help="the split seed (data.split_seed)")
+    parser.add_argument(
+        "--groups",
+        nargs="+",
+        default=["image"],
+        help="splits by image and/or data.groups specs, e.g. --groups image blocks:10",
+    )
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument(
@@ -94,14 +102,18 @@ def main() -> None:
     labels = {e.image_id: e.label_index for e in entries}
     tiling = Tiling(tile_size=args.tile, stride=args.tile, patch_size=args.size)
     feats = tile_features(entries, args.weights, tiling, normalizer)
-    results = {"holdout": evaluate(load_or_make_split(args.work_dir, entries)[0], feats, labels)}
-    for fold in range(args.folds):
-        split, _ = load_or_make_split(args.work_dir, entries, folds=args.folds, fold=fold)
-        results[f"fold{fold}"] = evaluate(split, feats, labels)
-    folds = [results[f"fold{f}"] for f in range(args.folds)]
-    for key in ("patch_acc", "image_acc"):
-        values = np.array([r[key] for r in folds])
-        results[f"cv_{key}"] = {"mean": values.mean(), "std": values.std()}
+    results = {}
+    for spec in args.groups:
+        groups = None if spec == "image" else spec
+        split = partial(load_or_make_split, args.work_dir, entries, seed=args.seed, groups=groups)
+        found = {"holdout": evaluate(split()[0], feats, labels)}
+        for fold in range(args.folds):
+            found[f"fold{fold}"] = evaluate(split(folds=args.folds, fold=fold)[0], feats, labels)
+        folds = [found[f"fold{f}"] for f in range(args.folds)]
+        for key in ("patch_acc", "image_acc"):
+            values = np.array([r[key] for r in folds])
+            found[f"cv_{key}"] = {"mean": values.mean(), "std": values.std()}
+        results[f"by {spec}"] = found
     print(json.dumps(results, indent=1))
 
 
