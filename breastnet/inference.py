@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from breastnet.artifacts import finished_metrics
 from breastnet.data.bach import DataError, read_rgb
-from breastnet.data.datamodule import to_tensor
+from breastnet.data.datasets import to_tensor
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
 from breastnet.lineage import Lineage, container

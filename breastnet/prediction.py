@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from breastnet.artifacts import atomic_write
-from breastnet.data.datamodule import pad_collate
+from breastnet.data.datasets import pad_collate
 from breastnet.distributed import barrier, rank
 from breastnet.models.embedding import Embedder
 from breastnet.trainer import ProgressLog, build_trainer

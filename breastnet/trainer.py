@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_info
 
-from breastnet.data.datamodule import sample_seed
+from breastnet.data.sampling import sample_seed
 from breastnet.distributed import in_multirun
 from breastnet.lineage import container
 

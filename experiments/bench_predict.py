@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from breastnet.data.bach import read_rgb
-from breastnet.data.datamodule import pad_collate, to_tensor
+from breastnet.data.datasets import pad_collate, to_tensor
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile
 from breastnet.inference import ImageFiles

@@ -45,7 +45,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
-from breastnet.data.datamodule import BreastDataModule, PatchDataset, to_tensor
+from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.datasets import PatchDataset, to_tensor
 from breastnet.data.transforms import HEJitter
 from breastnet.models.backbone import build_backbone
 from breastnet.models.patch_classifier import PatchClassifier

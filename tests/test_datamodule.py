@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from breastnet.data import store
 from breastnet.data.bach import read_index
-from breastnet.data.datamodule import BreastDataModule, EpochShuffle
+from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.sampling import EpochShuffle
 from breastnet.data.synthetic import write_synthetic_dataset
 
 STAIN = {"method": "macenko", "reference": "auto", "solver": "lstsq"}

@@ -7,7 +7,7 @@ import torch
 from test_patch_classifier import make_model, patches
 from torch.utils.data import DataLoader
 
-from breastnet.data.datamodule import pad_collate
+from breastnet.data.datasets import pad_collate
 from breastnet.models.embedding import Embedder, embed_patches
 
 from conftest import CPU_TRAINER

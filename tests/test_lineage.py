@@ -1,10 +1,12 @@
 """Which config change moves which artifact: keys come from the config and the index alone."""
 
+import json
 from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 
+from breastnet.artifacts import config_hash
 from breastnet.cli import run_stages
 from breastnet.lineage import Lineage
 
@@ -120,3 +122,27 @@ def test_another_data_set_gets_its_own_index_and_cache(
     assert Lineage(cfg).index.stem != keys(indexed)["index"]
     with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
         _ = Lineage(cfg).cache
+
+
+def test_a_train_reference_is_picked_among_the_training_images(
+    indexed: tuple[Path, Path],
+) -> None:
+    root, data = indexed
+    picked = set()
+    for fold in (0, 1):
+        cfg = compose_config(
+            root,
+            *BASE,
+            f"data.data_dir={data}",
+            "stain.reference=train",
+            "data.folds=2",
+            f"data.fold={fold}",
+        )
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        saved = root / "work" / "stain" / f"{config_hash(Lineage(cfg).stain)}.json"
+        path = json.loads(saved.read_text())["path"]
+        train = {e.path for e in datamodule.entries if e.image_id in datamodule.split["train"]}
+        assert path in train
+        picked.add(datamodule.cache.root)
+    assert len(picked) == 2  # a cache per split: the two folds' references differ in key

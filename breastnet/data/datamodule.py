@@ -8,185 +8,29 @@ of an image in grid order, padded to the longest image of the batch with a mask;
 ``features`` yields an image's cached CNN feature sequence (from the features stage).
 """
 
-import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import cv2
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from breastnet import lineage
-from breastnet.artifacts import config_hash, write_json
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
+from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, pad_collate
+from breastnet.data.reference import stain_reference
+from breastnet.data.sampling import EpochShuffle
 from breastnet.data.splits import SIDES, load_or_make_split
-from breastnet.data.stain import MacenkoNormalizer, StainReference, pick_reference
 from breastnet.data.store import PatchCache, StainSettings, Tiling
 from breastnet.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
 
 MODES = ("patch", "image", "features")
-REFERENCE_DOWNSAMPLE = 4  # picking the reference needs stain matrices, not full resolution
-
-
-def to_tensor(patches: np.ndarray) -> torch.Tensor:
-    """uint8 [..., S, S, 3] -> uint8 [..., 3, S, S]; models normalise on the device."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, -3)))
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch (independent of worker and rank)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-class _AugmentedDataset(Dataset):
-    """A dataset indexed by ``i`` or by ``(i, seed)``: the seed reseeds the transform first.
-
-    ``EpochShuffle`` hands out ``(i, seed)`` pairs, so what a sample draws is fixed by
-    (seed, epoch, i): the same in any DataLoader worker, persistent or not, on any rank, and
-    after a resume from ``last.ckpt``.
-    """
-
-    transform: Any = None
-
-    def _index(self, key: int | tuple[int, int]) -> int:
-        if isinstance(key, tuple):
-            key, seed = key
-            if self.transform is not None:
-                self.transform.set_random_seed(seed)
-        return key
-
-
-class PatchDataset(_AugmentedDataset):
-    """One sample per tissue patch: ``{"x": uint8 [3, S, S], "y", "image_id", "pos"}``."""
-
-    def __init__(
-        self,
-        cache: PatchCache,
-        records: Sequence[dict],
-        labels: Mapping[str, int],
-        transform: Any,
-        min_tissue: float = 0.0,
-    ) -> None:
-        self.cache, self.labels, self.transform = cache, labels, transform
-        self.items = [
-            (r["image_id"], k, tuple(r["positions"][k]))
-            for r in records
-            for k, tissue in enumerate(r["tissue"])
-            if tissue >= min_tissue
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        image_id, k, pos = self.items[self._index(key)]
-        patch = self.transform(image=np.array(self.cache.load(image_id)[k]))["image"]
-        return {
-            "x": to_tensor(patch),
-            "y": self.labels[image_id],
-            "image_id": image_id,
-            "pos": torch.tensor(pos),
-        }
-
-
-class ImageDataset(_AugmentedDataset):
-    """One sample per image: all its patches in row-major grid order with their (row, col)."""
-
-    def __init__(
-        self, cache: PatchCache, records: Sequence[dict], labels: Mapping[str, int], transform: Any
-    ) -> None:
-        self.cache, self.records, self.labels, self.transform = cache, records, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        record = self.records[self._index(key)]
-        patches = np.stack(
-            [
-                self.transform(image=p)["image"]
-                for p in np.array(self.cache.load(record["image_id"]))
-            ]
-        )
-        return {
-            "x": to_tensor(patches),
-            "y": self.labels[record["image_id"]],
-            "image_id": record["image_id"],
-            "pos": torch.tensor(record["positions"]),
-        }
-
-
-def pad_collate(samples: list[dict]) -> dict:
-    """Batch variable-length sequences: pad every per-patch tensor, ``mask`` marks real patches.
-
-    Per-patch tensors (``x``, ``probs``, ``tissue``) are padded with zeros, positions with -1;
-    ``image_id`` (and ``error``, where a sample has one) become lists.
-    """
-    longest = max(len(s["x"]) for s in samples)
-    batch: dict[str, Any] = {"mask": torch.zeros((len(samples), longest), dtype=torch.bool)}
-    padded = [k for k in ("x", "pos", "probs", "tissue") if k in samples[0]]
-    for key in padded:
-        first = samples[0][key]
-        batch[key] = torch.full(
-            (len(samples), longest, *first.shape[1:]), -1 if key == "pos" else 0, dtype=first.dtype
-        )
-    for b, s in enumerate(samples):
-        n = len(s["x"])
-        batch["mask"][b, :n] = True
-        for key in padded:
-            batch[key][b, :n] = s[key]
-    batch["y"] = torch.tensor([s["y"] for s in samples])
-    batch["image_id"] = [s["image_id"] for s in samples]
-    if any("error" in s for s in samples):
-        batch["error"] = [s.get("error") for s in samples]
-    return batch
-
-
-class FeatureDataset(_AugmentedDataset):
-    """One sample per image: its cached CNN feature sequence and patch probabilities."""
-
-    def __init__(self, images: Mapping[str, dict], image_ids: Sequence[str]) -> None:
-        self.images, self.image_ids = images, list(image_ids)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        i = self._index(key)
-        image = self.images[self.image_ids[i]]
-        return {
-            "x": image["features"],  # N x D
-            "probs": image["probs"],  # N x C
-            "pos": image["positions"],  # N x 2
-            "y": image["label"],
-            "image_id": self.image_ids[i],
-        }
-
-
-class EpochShuffle(DistributedSampler):
-    """One permutation per (seed, epoch), shared out over the ranks; each index comes with its
-    augmentation seed (``sample_seed``), so nothing a sample draws depends on the process that
-    loads it. On one process this is a plain seeded shuffle.
-    """
-
-    def __init__(
-        self, dataset: Dataset, seed: int, epoch: int = 0, num_replicas: int = 1, rank: int = 0
-    ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in super().__iter__():
-            yield i, sample_seed(self.seed, self.epoch, i)
 
 
 class BreastDataModule(pl.LightningDataModule):
@@ -345,7 +189,7 @@ class BreastDataModule(pl.LightningDataModule):
         )
         settings = lineage.stain_settings(hp.stain, entries, outer_path.stem)
         self.stain = stain = StainSettings(
-            self._reference(entries, settings, build, outer["train"]),
+            stain_reference(self.work_dir, entries, hp.stain, settings, outer["train"], build),
             **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
         )
         self.cache = PatchCache(lineage.cache_dir(self.work_dir, hp, settings))
@@ -368,52 +212,6 @@ class BreastDataModule(pl.LightningDataModule):
             self.split_path.name,
             self.cache.root,
         )
-
-    def _reference(
-        self, entries: list[IndexEntry], settings: dict, build: bool, train: Sequence[str]
-    ) -> StainReference | None:
-        """The fitted Macenko reference of these ``settings`` (None: no stain work)."""
-        if settings["method"] == "none":
-            return None
-        path = self.work_dir / "stain" / f"{config_hash(settings)}.json"
-        if path.is_file():
-            return StainReference.from_dict(json.loads(path.read_text())["reference"])
-        if not build:
-            raise FileNotFoundError(f"{path} not found: run the prepare stage first")
-        stain = self.hparams.stain
-        if stain.reference in lineage.PICKED_REFERENCES:
-            pool = set(train) if stain.reference == "train" else None
-            ref_path = Path(self._pick_reference(entries, pool).path)
-        else:
-            ref_path = Path(stain.reference)
-        image, _ = bach.read_rgb(ref_path.expanduser())
-        normalizer = MacenkoNormalizer(
-            solver=stain.solver,
-            luminosity_threshold=stain.luminosity_threshold,
-            angular_percentile=stain.angular_percentile,
-        ).fit(image)
-        write_json(path, {"reference": normalizer.reference.to_dict(), "path": str(ref_path)})
-        log.info("stain reference: %s", ref_path)
-        return normalizer.reference
-
-    def _pick_reference(self, entries: list[IndexEntry], pool: set[str] | None) -> IndexEntry:
-        """The most typical image's stains, label-free, among the usable images of ``pool``
-        (None: every image, so every fold shares one patch cache; transductive, as it looks at
-        the test images' colours too).
-        """
-        usable = [e for e in entries if e.usable and (pool is None or e.image_id in pool)]
-        stain = self.hparams.stain
-
-        def small(entry: IndexEntry) -> np.ndarray:
-            image, _ = bach.read_rgb(entry.path)
-            h, w = image.shape[:2]
-            size = (w // REFERENCE_DOWNSAMPLE, h // REFERENCE_DOWNSAMPLE)
-            return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-        best = pick_reference(
-            (small(e) for e in usable), stain.luminosity_threshold, stain.angular_percentile
-        )
-        return usable[best]
 
     def _augment_kwargs(self) -> dict:
         augment = self.hparams.augment

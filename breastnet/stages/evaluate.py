@@ -13,7 +13,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from breastnet.data.datamodule import BreastDataModule, FeatureDataset
+from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.datasets import FeatureDataset
 from breastnet.data.splits import SIDES
 from breastnet.distributed import on_rank_zero
 from breastnet.inference import image_embedder, image_result, load_image_model
