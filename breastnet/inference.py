@@ -28,9 +28,6 @@ from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
 from breastnet.reporting import ImageResult
 
-# Keys of conf/image_model that the image stage reads; the rest builds the LightningModule.
-IMAGE_STAGE_KEYS = ("max_epochs", "batch_size", "end_to_end", "train_features", "oof_folds")
-
 
 def _best_checkpoint(out_dir: Path, stage: str) -> Path:
     if finished_metrics(out_dir) is None:
@@ -54,8 +51,9 @@ def build_image_model(
     cfg: DictConfig, feature_dim: int, backbone: Backbone | None = None
 ) -> ImageClassifier:
     """The ImageClassifier of ``cfg.image_model`` for features of width ``feature_dim``."""
-    settings = {k: v for k, v in container(cfg.image_model).items() if k not in IMAGE_STAGE_KEYS}
-    settings["aggregator"]["feature_dim"] = feature_dim
+    settings = container(cfg.image_model)
+    if "feature_dim" in settings["aggregator"]:  # the parameter-free ones read probabilities
+        settings["aggregator"]["feature_dim"] = feature_dim
     return instantiate(OmegaConf.create(settings), backbone=backbone)
 
 
@@ -64,7 +62,7 @@ def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
     checkpoint = _best_checkpoint(lineage.image, "image")
     # The patch CNN's width sizes the aggregator; end to end, the CNN is part of the model.
     net: Backbone = instantiate(cfg.patch_model.net, weights="none")
-    model = build_image_model(cfg, net.feature_dim, net if cfg.image_model.end_to_end else None)
+    model = build_image_model(cfg, net.feature_dim, net if cfg.image.end_to_end else None)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(state)
     return model.eval()

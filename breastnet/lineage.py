@@ -12,7 +12,7 @@ inputs, computed from the config and the data set's index alone (no DataModule, 
     patch    <- cache, split (or inner split), augmentation, global batch, patch model,
                 training settings, seed
     features <- patch, TTA; out-of-fold: the number of inner patch models
-    image    <- features (end to end: patch), image model, training settings, seed
+    image    <- features (end to end: patch), image model, image stage settings, seed
     report   <- image, evaluated split
 
 Placement (devices, strategy, nodes) never enters a key: one and eight GPUs with the same
@@ -49,7 +49,7 @@ PLACEMENT_KEYS = frozenset(
     }
 )
 STAIN_KEYS = ("method", "solver", "luminosity_threshold", "angular_percentile")
-# image_model keys of the out-of-fold features (the features key holds them).
+# image-stage keys of the out-of-fold features (the features key holds them).
 OOF_KEYS = ("train_features", "oof_folds")
 # stain.reference values that pick an image of the data: any (`auto`) or the training side's.
 PICKED_REFERENCES = ("auto", "train")
@@ -155,11 +155,10 @@ class Lineage:
     @property
     def oof_folds(self) -> int | None:
         """K when the image model trains on out-of-fold features, else None."""
-        settings = self.cfg.image_model
+        settings = self.cfg.image
         if settings.train_features not in ("in_sample", "oof"):
             raise ValueError(
-                f"image_model.train_features must be in_sample or oof, got "
-                f"{settings.train_features!r}"
+                f"image.train_features must be in_sample or oof, got {settings.train_features!r}"
             )
         return settings.oof_folds if settings.train_features == "oof" else None
 
@@ -203,16 +202,15 @@ class Lineage:
     @cached_property
     def image(self) -> Path:
         cfg = self.cfg
-        upstream = self.patch.name if cfg.image_model.end_to_end else self.features.stem
+        upstream = self.patch.name if cfg.image.end_to_end else self.features.stem
         trainer = training_settings(cfg.trainer)
-        trainer.pop("max_epochs", None)  # the image model's own max_epochs replaces it
-        settings = container(cfg.image_model)
-        for name in OOF_KEYS:  # in the features key already
-            settings.pop(name, None)
+        trainer.pop("max_epochs", None)  # image.max_epochs replaces it
+        stage = {k: v for k, v in container(cfg.image).items() if k not in OOF_KEYS}
         key = config_hash(
             {
                 "upstream": upstream,
-                "image_model": settings,
+                "image_model": container(cfg.image_model),
+                "image": stage,  # out-of-fold settings: in the features key already
                 "trainer": trainer,
                 "seed": cfg.seed,
             }
@@ -232,5 +230,5 @@ class Lineage:
             "patch": self.patch.name,
             "features": self.features.stem,
             "image": self.image.name,
-            "report": self.report(self.cfg.eval.split).name,
+            "report": self.report(self.cfg.evaluate.split).name,
         }

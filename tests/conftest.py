@@ -104,3 +104,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def image_model_config(name: str):
+    """``conf/image_model/<name>.yaml`` as the image stage composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF / "image_model"), version_base="1.3"):
+        return compose(name)
+
+
+def build_aggregator(name: str, feature_dim: int, num_classes: int = 4, **overrides):
+    """The aggregator of ``image_model=<name>``; ``overrides`` only where its config has them
+    (shared test sizes such as ``hidden_size`` apply to the aggregators that take them)."""
+    from hydra.utils import instantiate
+
+    node = image_model_config(name).aggregator
+    sizes = {"feature_dim": feature_dim, "num_classes": num_classes, **overrides}
+    return instantiate(node, **{k: v for k, v in sizes.items() if k in node.keys()})

@@ -1,22 +1,22 @@
-"""Aggregators: shapes, padding never counts, attention, vote tie-break, grid order, learning."""
+"""Aggregators and their configs: shapes, padding, attention, vote tie-break, grid order,
+learning."""
+
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from breastnet.models.aggregators import (
-    AGGREGATORS,
-    BiLSTM,
-    MeanFeatures,
-    build_aggregator,
-    grid_order,
-)
+from breastnet.models.aggregators import BiLSTM, MeanFeatures, grid_order
+
+from conftest import CONF, build_aggregator, image_model_config
 
 D, C = 8, 4
 SMALL = {"hidden_size": 16, "num_layers": 2}  # small enough to be fast, deep enough to stack
+NAMES = ("bilstm", "attention", "mean_features", "mean_probs", "vote")
 VARIANTS = [("bilstm", {"order": order}) for order in ("row", "column", "snake")] + [
-    (name, {}) for name in AGGREGATORS if name != "bilstm"
+    (name, {}) for name in NAMES if name != "bilstm"
 ]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +75,7 @@ def test_attention_rows_sum_to_one_and_skip_padding() -> None:
 
 def test_mean_probs_is_the_mean_probability() -> None:
     batch = padded_batch([9, 5])
-    logits = build("mean")(**batch)["logits"]
+    logits = build("mean_probs")(**batch)["logits"]
     torch.testing.assert_close(logits.softmax(1)[1], batch["probs"][1, :5].mean(0))
 
 
@@ -123,14 +123,27 @@ def test_grid_order_permutations() -> None:
         grid_order(pos, mask, "diagonal")
 
 
-def test_build_aggregator_keys() -> None:
-    # Keys that only the LSTM takes are dropped, so variants can inherit bilstm.yaml.
-    inherited = {"hidden_size": 256, "num_layers": 3, "bidirectional": True, "order": "row"}
-    assert isinstance(build_aggregator("mean_features", D, **inherited), MeanFeatures)
-    with pytest.raises(TypeError, match="hiden_size"):
-        build_aggregator("bilstm", D, hiden_size=8)
-    with pytest.raises(ValueError, match="unknown aggregator"):
-        build_aggregator("max", D)
+@pytest.mark.parametrize("name", NAMES)
+def test_each_aggregator_config_has_only_its_own_keys(name: str) -> None:
+    """Every key of an aggregator's config is an argument of its class, and an override of a
+    key it does not have fails when the config is composed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from hydra.utils import get_class
+
+    node = image_model_config(name).aggregator
+    arguments = set(inspect.signature(get_class(node._target_)).parameters)
+    assert set(node.keys()) - {"_target_"} <= arguments
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for key in {"num_layers", "hidden_size"} - set(node.keys()):
+            with pytest.raises(ConfigCompositionException, match=key):
+                compose(
+                    "config", overrides=[f"image_model={name}", f"image_model.aggregator.{key}=5"]
+                )
+
+
+def test_mean_is_the_mean_probs_alias() -> None:
+    assert image_model_config("mean") == image_model_config("mean_probs")
 
 
 SIGNAL_POSITIONS = torch.tensor([1, 3, 5, 7])

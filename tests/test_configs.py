@@ -76,7 +76,7 @@ def test_search_jobs_compose(search: str, tmp_path: Path, one_thread: None) -> N
         assert sweeper.max_batch_size is None  # one batch: a failed job does not stop the rest
         parsed = OverridesParser.create().parse_overrides(params)
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
-        assert len(jobs) == 12
+        assert len(jobs) == 6  # 3 aggregators x 2 learning rates
     for job in jobs:
         job_cfg = compose_cfg(tmp_path, f"hparams_search={search}", "experiment=demo", *job)
         settings = dict(o.split("=", 1) for o in job)

@@ -53,7 +53,7 @@ def breastnet(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_ddp_whole_pipeline_two_processes(tmp_path: Path) -> None:
     """Every default stage, prepare to evaluate, on two `ddp` ranks: one report, one
     metrics.json, each rank a half of the global batch, every image embedded once."""
-    out = breastnet(tmp_path, "trainer.strategy=ddp", "image_model.max_epochs=2")
+    out = breastnet(tmp_path, "trainer.strategy=ddp", "image.max_epochs=2")
     log = out.stdout + out.stderr
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     (patch_dir,) = (tmp_path / "work" / "patch").iterdir()

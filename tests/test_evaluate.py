@@ -19,7 +19,7 @@ from breastnet.data.synthetic import write_synthetic_dataset
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Attention-MIL: quick to train, and it has attention weights for the heatmaps.
-TINY = [*SMALL, "image_model=attention", "image_model.max_epochs=3", "eval.examples=2"]
+TINY = [*SMALL, "image_model=attention", "image.max_epochs=3", "evaluate.examples=2"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_predict_on_raw_files_matches_evaluate(trained, tmp_path: Path) -> None:
     """The raw-image path (read, normalise, tile, CNN, aggregator) gives the cached path's
     probabilities: predict and evaluate run the same pipeline."""
     data = trained[0]
-    run_stages(cfg_for(trained, "stages=[evaluate]", "eval.split=all"))
+    run_stages(cfg_for(trained, "stages=[evaluate]", "evaluate.split=all"))
     reports = trained[1] / "work" / "reports"
     evaluated = max(reports.iterdir(), key=lambda p: p.stat().st_mtime)
     expected = {r["image_id"]: r for r in read_rows(evaluated / "predictions.csv")}
@@ -188,7 +188,7 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
         trained,
         "stages=[image,evaluate]",
         "logger=wandb",
-        "image_model.max_epochs=4",  # a new image model: the Trainer logs its curves too
+        "image.max_epochs=4",  # a new image model: the Trainer logs its curves too
         f"paths.output_dir={output}",
     )
     import wandb
@@ -219,5 +219,5 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
         "_wandb/visualize/eval/roc_chart",
     } <= set(config)
     # The whole resolved Hydra config, not only the model's hyperparameters.
-    assert config["image_model"]["aggregator"]["name"] == "attention"
+    assert config["image_model"]["aggregator"]["_target_"].endswith(".Attention")
     assert config["data"]["tile_size"] == 64

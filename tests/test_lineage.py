@@ -37,12 +37,12 @@ TABLE = {
     "trainer.precision=bf16-mixed": DOWNSTREAM["patch"],
     "+trainer.gradient_clip_val=1.0": DOWNSTREAM["patch"],
     "features.tta=true": DOWNSTREAM["features"],
-    "image_model.train_features=oof": DOWNSTREAM["features"],
+    "image.train_features=oof": DOWNSTREAM["features"],
     "stain.reference=train": DOWNSTREAM["cache"],
     "image_model=attention": DOWNSTREAM["image"],
-    "image_model.max_epochs=3": DOWNSTREAM["image"],
-    "image_model.end_to_end=true": DOWNSTREAM["image"],
-    "eval.split=val": {"report"},
+    "image.max_epochs=3": DOWNSTREAM["image"],
+    "image.end_to_end=true": DOWNSTREAM["image"],
+    "evaluate.split=val": {"report"},
     # where a run executes, with the same global batch: nothing
     "trainer.devices=2": set(),
     "trainer.strategy=ddp": set(),
@@ -96,7 +96,7 @@ def test_the_datamodule_uses_the_lineage_paths(indexed: tuple[Path, Path], overr
 
 def test_inner_models_have_their_own_split_and_patch_keys(indexed: tuple[Path, Path]) -> None:
     root, data = indexed
-    cfg = compose_config(root, *BASE, f"data.data_dir={data}", "image_model.train_features=oof")
+    cfg = compose_config(root, *BASE, f"data.data_dir={data}", "image.train_features=oof")
     outer = Lineage(cfg)
     inner = outer.inner_models()
     assert [m.inner for m in inner] == [(k, 5) for k in range(5)]

@@ -36,9 +36,9 @@ OOF = [
     "trainer.max_epochs=1",
     "+trainer.enable_progress_bar=false",
     "image_model=mean_features",
-    "image_model.max_epochs=2",
-    "image_model.train_features=oof",
-    "image_model.oof_folds=2",
+    "image.max_epochs=2",
+    "image.train_features=oof",
+    "image.oof_folds=2",
     "logger=none",
     "stages=[prepare,patch,features,image]",
 ]
@@ -86,7 +86,7 @@ def test_oof_training_features_come_from_models_that_never_saw_the_image(
     assert finished_metrics(lineage.image) is not None  # the image model trained on them
     # In-sample: every image from the full model, under another features key.
     with open_dict(cfg):
-        cfg.image_model.train_features = "in_sample"
+        cfg.image.train_features = "in_sample"
     assert Lineage(cfg).features != lineage.features
     assert Lineage(cfg).image != lineage.image
 
@@ -115,5 +115,5 @@ def test_inner_folds_keep_groups_together_and_stratify() -> None:
         assert sorted(np.unique([i.split("/")[0] for i in fold], return_counts=True)[1]) == [2] * 4
     held = folds[0]
     assert inner_split(split, held)["train"] == [i for i in train if i not in held]
-    with pytest.raises(DataError, match="fewer than image_model.oof_folds=6"):
+    with pytest.raises(DataError, match="fewer than image.oof_folds=6"):
         inner_folds(split, entries, 6, seed=3, groups=groups)

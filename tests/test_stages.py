@@ -130,7 +130,7 @@ def test_interrupted_training_resumes_to_the_same_weights(
 def test_image_stage_alone_reproduces_the_pipeline(demo: Path, tmp_path: Path) -> None:
     """Each stage is seeded by its place in the pipeline: ``stages=[image]`` on its own
     trains the weights the whole pipeline trained (global RNG use before it does not count)."""
-    args = [*SMALL, f"data.data_dir={demo}", "image_model.max_epochs=2"]
+    args = [*SMALL, f"data.data_dir={demo}", "image.max_epochs=2"]
     run_stages(make_cfg(tmp_path, *args, "stages=[prepare,patch,features,image]"))
     (image_dir,) = (tmp_path / "work" / "image").iterdir()
     whole = torch.load(image_dir / "best.ckpt", weights_only=False)["state_dict"]
@@ -164,7 +164,7 @@ def test_image_stage_with_every_aggregator(demo: Path, tmp_path: Path) -> None:
             f"data.data_dir={demo}",
             "stages=[image]",
             f"image_model={name}",
-            "image_model.max_epochs=3",
+            "image.max_epochs=3",
         )
         results[name] = run_stages(cfg)
     assert len(list((tmp_path / "work" / "image").iterdir())) == 5
@@ -195,9 +195,9 @@ def test_image_stage_end_to_end(demo: Path, tmp_path: Path) -> None:
         tmp_path,
         *args,
         "stages=[image]",
-        "image_model.end_to_end=true",
-        "image_model.max_epochs=1",
-        "image_model.batch_size=4",
+        "image.end_to_end=true",
+        "image.max_epochs=1",
+        "image.batch_size=4",
         "image_model.aggregator.hidden_size=16",
     )
     metrics = run_stages(cfg)

@@ -270,7 +270,7 @@ def inner_folds(
         if n < folds:
             raise DataError(
                 f"class {label} has {n} source group(s) among the training images: fewer than "
-                f"image_model.oof_folds={folds}"
+                f"image.oof_folds={folds}"
             )
     dealer = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
     return [sorted(ids[held].tolist()) for _, held in dealer.split(ids, labels, group)]

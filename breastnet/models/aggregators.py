@@ -11,8 +11,6 @@ patches; padding is always at the end), ``pos`` B x N x 2 long (row, col; -1 on 
 ``trainable`` says whether there is anything to fit.
 """
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -210,32 +208,3 @@ class Vote(nn.Module):
         # Counts differ by whole votes; the tie-break adds at most VOTE_TIE_BREAK < 1.
         score = counts + VOTE_TIE_BREAK * masked_mean(probs, mask)  # B x C
         return {"logits": safe_log(score / score.sum(1, keepdim=True))}  # B x C
-
-
-AGGREGATORS: dict[str, type[nn.Module]] = {
-    "bilstm": BiLSTM,
-    "attention": Attention,
-    "mean_features": MeanFeatures,
-    "mean": MeanProbs,
-    "vote": Vote,
-}
-
-
-def build_aggregator(
-    name: str, feature_dim: int, num_classes: int = 4, **kwargs: object
-) -> nn.Module:
-    """Build an aggregator by name (``AGGREGATORS``).
-
-    A keyword that only another aggregator takes is dropped, so the variant configs can inherit
-    ``bilstm.yaml`` (OmegaConf cannot delete an inherited key); one that no aggregator takes is
-    a typo and raises.
-    """
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(AGGREGATORS)}")
-    known = {p for cls in AGGREGATORS.values() for p in inspect.signature(cls).parameters}
-    if unknown := sorted(set(kwargs) - known):
-        raise TypeError(f"no aggregator takes {', '.join(unknown)}")
-    cls = AGGREGATORS[name]
-    accepted = inspect.signature(cls).parameters
-    args = {"feature_dim": feature_dim, "num_classes": num_classes, **kwargs}
-    return cls(**{k: v for k, v in args.items() if k in accepted})

@@ -104,7 +104,7 @@ def publish_report(
         patches=patches,
         title=title,
         min_tissue=min_tissue,
-        n_examples=cfg.eval.examples,
+        n_examples=cfg.evaluate.examples,
         seed=cfg.seed,
     )
     shutil.rmtree(parts, ignore_errors=True)

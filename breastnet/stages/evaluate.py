@@ -1,7 +1,7 @@
 """Stage ``evaluate``: metrics, plots, predictions and an HTML page for one split.
 
 Runs the trained image model (on every rank, with the trainer's accelerator) over the images
-of ``eval.split`` and writes ``work_dir/reports/<hash>/``: ``metrics.json`` (DESIGN.md's
+of ``evaluate.split`` and writes ``work_dir/reports/<hash>/``: ``metrics.json`` (DESIGN.md's
 keys), ``predictions.csv``, the PNGs and ``index.html``; with ``logger=wandb`` the same go to
 the W&B run.
 """
@@ -29,10 +29,10 @@ SPLITS = (*SIDES, "all")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate the trained pipeline on ``eval.split``; returns the headline metrics."""
-    split = cfg.eval.split
+    """Evaluate the trained pipeline on ``evaluate.split``; returns the headline metrics."""
+    split = cfg.evaluate.split
     if split not in SPLITS:
-        raise ValueError(f"eval.split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(f"evaluate.split must be one of {SPLITS}, got {split!r}")
     lineage = Lineage(cfg)
     datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()
@@ -61,13 +61,14 @@ def _report(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out) -
                 output, entry.path, entry.label_index, record["positions"], record["tissue"]
             )
         )
-    split = cfg.eval.split
+    split = cfg.evaluate.split
+    aggregator = cfg.image_model.aggregator._target_.rsplit(".", 1)[-1]
     report, metrics = publish_report(
         cfg,
         out,
         results,
         lambda i: np.asarray(datamodule.cache.load(i)),
-        f"breastnet: {cfg.image_model.aggregator.name} on the {split} split",
+        f"breastnet: {aggregator} on the {split} split",
         datamodule.hparams.min_tissue,
         "eval",
         out / ".parts",

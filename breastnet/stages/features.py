@@ -5,7 +5,7 @@ sequence (row-major grid order), grid positions and patch probabilities, saved i
 ``work_dir/features/<hash>.pt``: the image model and the plots read them without the CNN.
 Every rank embeds its share of the images (``Trainer.predict``); each image is kept as soon as
 it is done, so an interrupted stage resumes with the images it had not finished. With
-``image_model.train_features=oof`` each training image is embedded by the out-of-fold patch
+``image.train_features=oof`` each training image is embedded by the out-of-fold patch
 model that did not train on it, and each image records which patch model embedded it.
 """
 
@@ -103,7 +103,7 @@ def _save(
     saved = {
         "classes": list(CLASSES),
         "tta": cfg.features.tta,
-        "train_features": cfg.image_model.train_features,
+        "train_features": cfg.image.train_features,
         "images": images,
     }
     atomic_write(out, lambda f: torch.save(saved, f))

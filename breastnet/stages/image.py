@@ -1,7 +1,7 @@
 """Stage ``image``: the image-level model (BiLSTM by default) over each image's patch sequence.
 
 By default it trains on the features stage's cached sequences, in seconds. With
-``image_model.end_to_end=true`` the patch CNN (from the patch stage's best checkpoint) and the
+``image.end_to_end=true`` the patch CNN (from the patch stage's best checkpoint) and the
 aggregator are fine-tuned together on whole images: the CNN+BiLSTM trained as one.
 Writes ``work_dir/image/<hash>/{best,last}.ckpt``.
 """
@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (or reuse) the image model; returns val/test image accuracy."""
-    settings, lineage = cfg.image_model, Lineage(cfg)
+    settings, lineage = cfg.image, Lineage(cfg)
     if not settings.end_to_end and not lineage.features.is_file():
         raise FileNotFoundError(f"{lineage.features} not found: run the features stage first")
     if settings.end_to_end and lineage.oof_folds:
         raise ValueError(
-            "image_model.train_features=oof needs the features stage's cached features: it does "
-            "not apply with image_model.end_to_end=true"
+            "image.train_features=oof needs the features stage's cached features: it does not "
+            "apply with image.end_to_end=true"
         )
     out = lineage.image
     if (done := finished_metrics(out)) is not None:
@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # Epochs on cached features take seconds; a BiLSTM checkpoint with its optimizer state is
     # ~75 MB: the resume point is written every 10 epochs, not every epoch.
     last_every = 1 if settings.end_to_end else 10
+    epochs = settings.max_epochs if model.trainable else 1  # one pass scores a fixed rule
     return train_and_test(
-        cfg, model, datamodule, out, "image", None, last_every, max_epochs=settings.max_epochs
+        cfg, model, datamodule, out, "image", None, last_every, max_epochs=epochs
     )

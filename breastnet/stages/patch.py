@@ -2,7 +2,7 @@
 
 Writes ``work_dir/patch/<hash>/{best,last}.ckpt`` (``breastnet.lineage`` says what the hash
 covers), so folds and sweep jobs never overwrite each other. An interrupted run resumes from
-``last.ckpt``. With ``image_model.train_features=oof`` it then trains the K out-of-fold models,
+``last.ckpt``. With ``image.train_features=oof`` it then trains the K out-of-fold models,
 each on the training images without one inner fold (validated on the same val images), whose
 test side is that fold: their test accuracy is the out-of-fold patch accuracy.
 """
