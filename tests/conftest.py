@@ -121,4 +121,4 @@ def build_aggregator(name: str, feature_dim: int, num_classes: int = 4, **overri
 
     node = image_model_config(name).aggregator
     sizes = {"feature_dim": feature_dim, "num_classes": num_classes, **overrides}
-    return instantiate(node, **{k: v for k, v in sizes.items() if k in node.keys()})
+    return instantiate(node, **{k: v for k, v in sizes.items() if k in node.keys()})  # noqa: SIM118 (a ??? value is not `in` a DictConfig)

@@ -149,7 +149,7 @@ def test_image_model_configs_instantiate(name: str) -> None:
     cfg = image_model_config(name)
     # Every key is an ImageClassifier argument: the stage settings live in `image:`.
     assert set(cfg) <= set(inspect.signature(ImageClassifier).parameters) | {"_target_"}
-    learned = "feature_dim" in cfg.aggregator.keys()  # `in` skips a missing (???) value
+    learned = "feature_dim" in cfg.aggregator.keys()  # noqa: SIM118 (`in` skips ???)
     if learned:
         with pytest.raises(MissingMandatoryValue):
             instantiate(cfg)
