@@ -63,4 +63,21 @@ def main(cfg: DictConfig) -> float | None:
         tracking.finish()  # one W&B run per job, also for sweep jobs sharing this process
     if distributed.rank() == 0:
         write_json(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
-    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+    return optimized(metrics, cfg.optimized_metric)
+
+
+def optimized(metrics: dict[str, float], name: str | None) -> float | None:
+    """The metric a sweeper optimises (None when the run sets none).
+
+    Raises:
+        KeyError: the run's stages did not produce it (a typo, or a stage left out): a
+            sweeper would otherwise record None and compare trials on nothing.
+    """
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(
+            f"optimized_metric={name!r} is not among this run's metrics "
+            f"({', '.join(sorted(metrics)) or 'none'}): check its name and cfg.stages"
+        )
+    return metrics[name]

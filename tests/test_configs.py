@@ -85,3 +85,12 @@ def test_search_jobs_compose(search: str, tmp_path: Path, one_thread: None) -> N
             if key.startswith("image_model."):
                 assert str(OmegaConf.select(job_cfg, key)) == str(value)
         assert isinstance(build_image_model(job_cfg, feature_dim=16), ImageClassifier)
+
+
+def test_a_missing_optimized_metric_raises_with_what_there_is() -> None:
+    from breastnet.cli import optimized
+
+    assert optimized({"image/val_acc_best": 0.75}, "image/val_acc_best") == 0.75
+    assert optimized({"image/val_acc_best": 0.75}, None) is None
+    with pytest.raises(KeyError, match="'image/val_acc'.*image/val_acc_best"):
+        optimized({"image/val_acc_best": 0.75}, "image/val_acc")
