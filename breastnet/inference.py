@@ -26,7 +26,7 @@ from breastnet.models.backbone import Backbone
 from breastnet.models.embedding import Embedder
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
-from breastnet.reporting import ImageResult
+from breastnet.report import ImageResult
 
 # Keys of conf/image_model that the image stage reads; the rest builds the LightningModule.
 IMAGE_STAGE_KEYS = ("max_epochs", "batch_size", "end_to_end")
