@@ -26,7 +26,7 @@ from breastnet.models.backbone import Backbone
 from breastnet.models.embedding import Embedder
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
-from breastnet.reporting import ImageResult
+from breastnet.report import ImageResult
 
 
 def _best_checkpoint(out_dir: Path, stage: str) -> Path:

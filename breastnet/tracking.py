@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet import CLASSES
-from breastnet.reporting import ImageResult, Report
+from breastnet.report import ImageResult, Report
 
 
 def uses_wandb(cfg: DictConfig) -> bool:
@@ -35,18 +35,29 @@ def finish() -> None:
         wandb.finish()
 
 
-def roc_chart(labels: np.ndarray, probs: np.ndarray) -> Any:
-    """One-vs-rest ROC curves as a W&B chart. ``wandb.plot.roc_curve`` needs pandas, and
-    indexes the probabilities by the rank of a class among those present, not by its index."""
+def confusion_chart(confusion: list[list[int]]) -> Any:
+    """The report's confusion matrix (rows true) as the chart ``wandb.plot.confusion_matrix``
+    draws, from the counts in metrics.json rather than counted again from predictions."""
     import wandb
-    from sklearn.metrics import roc_curve
+
+    rows = [[CLASSES[i], CLASSES[j], int(n)] for (i, j), n in np.ndenumerate(confusion)]
+    table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+    fields = {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"}
+    return wandb.plot_table(
+        "wandb/confusion_matrix/v1", table, fields, {"title": "Confusion Matrix Curve"}
+    )
+
+
+def roc_chart(curves: dict[int, tuple[np.ndarray, np.ndarray]]) -> Any:
+    """The report's one-vs-rest ROC curves (``Report.roc_curves``) as a W&B chart.
+    ``wandb.plot.roc_curve`` needs pandas, and indexes the probabilities by the rank of a
+    class among those present, not by its index."""
+    import wandb
 
     table = wandb.Table(columns=["class", "fpr", "tpr"])
-    for c, name in enumerate(CLASSES):
-        if 0 < (labels == c).sum() < len(labels):
-            fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
-            for x, y in zip(fpr, tpr, strict=True):
-                table.add_data(name, round(float(x), 4), round(float(y), 4))
+    for c, (fpr, tpr) in curves.items():
+        for x, y in zip(fpr, tpr, strict=True):
+            table.add_data(CLASSES[c], round(float(x), 4), round(float(y), 4))
     return wandb.plot_table(
         "wandb/area-under-curve/v0",
         table,
@@ -70,14 +81,10 @@ def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], pref
         f"{prefix}/{name.replace('/', '_')}": wandb.Image(str(path), caption=name)
         for name, path in report.figures.items()
     }
-    labelled = [r for r in results if r.error is None and r.label is not None]
-    if report.metrics is not None and labelled:
-        y = [r.label for r in labelled]
-        probs = np.stack([r.probs for r in labelled])
-        rows[f"{prefix}/confusion_matrix_chart"] = wandb.plot.confusion_matrix(
-            y_true=y, preds=probs.argmax(1).tolist(), class_names=list(CLASSES)
-        )
-        rows[f"{prefix}/roc_chart"] = roc_chart(np.array(y), probs)
+    if report.metrics is not None:
+        confusion = report.metrics["confusion_matrix"]
+        rows[f"{prefix}/confusion_matrix_chart"] = confusion_chart(confusion)
+        rows[f"{prefix}/roc_chart"] = roc_chart(report.roc_curves)
         for key in ("image_accuracy", "patch_accuracy", "macro_auc", "n_images"):
             if report.metrics.get(key) is not None:
                 run.summary[f"{prefix}/{key}"] = report.metrics[key]

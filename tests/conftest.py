@@ -1,4 +1,4 @@
-"""Shared fixtures: CPU only, real bach-dev images found through one setting."""
+"""Shared fixtures: CPU only, real bach-dev images found through one setting, report inputs."""
 
 import os
 from collections.abc import Iterator
@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from breastnet import CLASSES
+from breastnet.report import ImageResult, Report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -122,3 +125,66 @@ def build_aggregator(name: str, feature_dim: int, num_classes: int = 4, **overri
     node = image_model_config(name).aggregator
     sizes = {"feature_dim": feature_dim, "num_classes": num_classes, **overrides}
     return instantiate(node, **{k: v for k, v in sizes.items() if k in node.keys()})  # noqa: SIM118 (a ??? value is not `in` a DictConfig)
+
+
+def noisy_probs(labels: np.ndarray, rng: np.random.Generator, signal: float = 1.5) -> np.ndarray:
+    """Softmax of random logits nudged towards the true class (right most of the time)."""
+    logits = rng.normal(size=(len(labels), len(CLASSES)))
+    logits[np.arange(len(labels)), labels] += signal
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def synthetic_results(
+    n: int = 12, grid: tuple[int, int] = (3, 3), size: int = 32, seed: int = 0, labelled=True
+) -> tuple[list[ImageResult], dict[str, np.ndarray]]:
+    """``n`` images with patch probabilities, features and patches, then one failed file."""
+    rng = np.random.default_rng(seed)
+    rows, cols = grid
+    positions = np.array([(r, c) for r in range(rows) for c in range(cols)])
+    results, store = [], {}
+    for i in range(n):
+        label = i % len(CLASSES)
+        image_id = f"{CLASSES[label]}/img{i:03d}"
+        patch_probs = noisy_probs(np.full(len(positions), label), rng, signal=1.0)
+        tissue = rng.uniform(0.2, 1, len(positions))
+        tissue[0] = 0.01  # one background patch per image
+        features = rng.normal(size=(len(positions), 16)) + 3 * np.eye(16)[label]
+        base = np.array([200, 120, 180]) - 30 * label
+        store[image_id] = np.clip(
+            base + rng.integers(-40, 40, size=(len(positions), size, size, 3)), 0, 255
+        ).astype(np.uint8)
+        results.append(
+            ImageResult(
+                image_id=image_id,
+                path=f"/data/{image_id}.tif",
+                label=label if labelled else None,
+                probs=patch_probs[tissue >= 0.05].mean(axis=0),
+                patch_probs=patch_probs,
+                positions=positions,
+                tissue=tissue,
+                features=features,
+                attention=rng.dirichlet(np.ones(len(positions))) if i % 2 else None,
+            )
+        )
+    results.append(
+        ImageResult(
+            image_id="Benign/broken",
+            path="/data/Benign/broken.tif",
+            label=1 if labelled else None,
+            probs=None,
+            patch_probs=None,
+            positions=None,
+            tissue=None,
+            error="unreadable: truncated TIFF",
+        )
+    )
+    return results, store
+
+
+@pytest.fixture(scope="session")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, list[ImageResult]]:
+    """A report of ``synthetic_results()``, with three heatmaps."""
+    results, store = synthetic_results()
+    out = tmp_path_factory.mktemp("report")
+    return write_report(out, results, patches=store.__getitem__, n_examples=3), results

@@ -1,4 +1,4 @@
-"""index.html opens from disk in a real browser, with every figure decoded."""
+"""index.html: self-contained and escaped, and it opens from disk in a real browser."""
 
 import re
 import shutil
@@ -6,9 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_reporting import synthetic_results
 
-from breastnet.reporting import write_report
+from breastnet.report import write_report
+
+from conftest import synthetic_results
 
 
 @pytest.mark.slow
@@ -27,3 +28,24 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert loaded is not None, "the page script did not run"
     assert int(loaded.group(1)) == len(report.figures) == 8
     assert f"{report.metrics['image_accuracy']:.3f}" in dom and "Misclassified images" in dom
+
+
+def test_html_is_self_contained(report) -> None:
+    rep, _ = report
+    page = rep.html.read_text()
+    accuracy = f"{rep.metrics['image_accuracy']:.3f}"
+    assert f'<td class="num">{accuracy}</td>' in page
+    low, high = rep.metrics["image_accuracy_ci"]
+    assert f'<td class="num">{low:.3f}\u2013{high:.3f}</td>' in page and "95 % CI" in page
+    assert "Benign/broken" in page and "unreadable: truncated TIFF" in page
+    assert page.count("data:image/png;base64,") == len(rep.figures)
+    assert len(re.findall(r"<img ", page)) == len(rep.figures)
+    assert 'src="http' not in page and 'href="http' not in page and "<link" not in page
+    assert "imagesLoaded" in page
+
+
+def test_html_escapes_text(tmp_path: Path) -> None:
+    results, _ = synthetic_results(n=4)
+    results[-1].error = "<script>alert(1)</script>"
+    page = write_report(tmp_path, results).html.read_text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)" in page

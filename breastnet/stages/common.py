@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from breastnet.artifacts import finish_stage
-from breastnet.reporting import ImageResult, Report, write_report
+from breastnet.report import ImageResult, Report, write_report
 from breastnet.tracking import log_report
 from breastnet.trainer import EpochSeed, ProgressLog, build_trainer
 

@@ -30,6 +30,7 @@ from breastnet.data.stain import MacenkoNormalizer, StainReference
 from breastnet.data.store import Tiling, normalise_and_tile
 from breastnet.lineage import index_path
 from breastnet.models.backbone import build_backbone
+from breastnet.report.metrics import accuracy
 
 ROOT = Path(__file__).resolve().parents[2]
 BACH_DEV = os.environ.get("BREASTNET_BACH_DEV", str(ROOT.parent / "shared/data/bach-dev"))
@@ -59,13 +60,16 @@ def evaluate(split: dict, feats: dict, labels: dict) -> dict[str, float]:
     x = np.concatenate([feats[i] for i in train])
     y = np.concatenate([[labels[i]] * len(feats[i]) for i in train])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y)
-    patch_right = patches = image_right = 0
+    patch_labels, patch_preds, image_preds = [], [], []
     for i in split["test"]:
         probs = model.predict_proba(feats[i])
-        patch_right += int((probs.argmax(1) == labels[i]).sum())
-        patches += len(probs)
-        image_right += int(probs.mean(0).argmax() == labels[i])
-    return {"patch_acc": patch_right / patches, "image_acc": image_right / len(split["test"])}
+        patch_labels.append(np.full(len(probs), labels[i]))
+        patch_preds.append(probs.argmax(1))
+        image_preds.append(probs.mean(0).argmax())
+    return {
+        "patch_acc": accuracy(np.concatenate(patch_labels), np.concatenate(patch_preds)),
+        "image_acc": accuracy(np.array([labels[i] for i in split["test"]]), np.array(image_preds)),
+    }
 
 
 def main() -> None:

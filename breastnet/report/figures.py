@@ -1,0 +1,263 @@
+"""The report's PNG figures: confusion matrix, ROC, t-SNE, patch grid and per-image heatmaps.
+
+Figures are drawn on bare ``matplotlib.figure.Figure`` objects (no pyplot), so no GUI backend
+or global figure state is involved and nothing stays open after a figure is saved. Numbers
+shown come from ``breastnet.report.metrics``.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+
+from breastnet.artifacts import atomic_write
+from breastnet.report.result import ImageResult
+
+DPI = 120
+TSNE_MAX_PATCHES = 2000
+TSNE_MIN_PATCHES = 10
+# Normal green, Benign blue, InSitu orange, Invasive red; further classes take tab10's rest.
+_TAB10 = colormaps["tab10"].colors
+_PALETTE = [_TAB10[i] for i in (2, 0, 1, 3, 4, 5, 6, 7, 8, 9)]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    return path
+
+
+def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: Path) -> Path:
+    """The confusion matrix as counts and as row-normalised percentages, side by side."""
+    counts = np.asarray(confusion, dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    percent = np.divide(100 * counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
+    size = 1.0 + 0.9 * len(classes)
+    fig = Figure(figsize=(2 * size + 1.5, size + 0.6), layout="constrained")
+    panels = (
+        (counts, "counts", lambda v: f"{v:.0f}", counts.max() or 1.0),
+        (percent, "row-normalised (%)", lambda v: f"{v:.0f}%", 100.0),
+    )
+    for ax, (values, title, fmt, vmax) in zip(fig.subplots(1, 2), panels, strict=True):
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
+        for (i, j), v in np.ndenumerate(values):
+            text = "n/a" if np.isnan(v) else fmt(v)
+            dark = not np.isnan(v) and v > 0.55 * vmax
+            ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black")
+        ticks = range(len(classes))
+        ax.set_xticks(ticks, classes, rotation=30, ha="right")
+        ax.set_yticks(ticks, classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.suptitle(f"Confusion matrix ({int(counts.sum())} images)")
+    return _save(fig, path)
+
+
+def plot_roc(
+    curves: dict[int, tuple[np.ndarray, np.ndarray]],
+    metrics: dict,
+    classes: Sequence[str],
+    path: Path,
+) -> Path:
+    """Each class's one-vs-rest ROC curve (``metrics.roc_curves``) with its AUC."""
+    fig = Figure(figsize=(5.6, 5.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    for c, (fpr, tpr) in curves.items():
+        name = classes[c]
+        auc = metrics["per_class"][name]["auc"]
+        ax.plot(fpr, tpr, color=_PALETTE[c % 10], lw=2, label=f"{name} (AUC {auc:.2f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    macro = metrics["macro_auc"]
+    ax.set_title(f"ROC, one-vs-rest, {metrics['n_images']} images (macro AUC {macro:.2f})")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_tsne(
+    results: list[ImageResult], classes: Sequence[str], min_tissue: float, seed: int, path: Path
+) -> Path | None:
+    """t-SNE of patch features coloured by image class; None when too few patches."""
+    features, colour, used = [], [], []
+    for r in results:
+        if r.features is None:
+            continue
+        used.append(r)
+        features.append(r.tissue_patches(np.asarray(r.features, dtype=np.float32), min_tissue))
+        colour.append(np.full(len(features[-1]), r.predicted if r.label is None else r.label))
+    if not features:
+        return None
+    x, y = np.concatenate(features), np.concatenate(colour)
+    if len(x) < TSNE_MIN_PATCHES:
+        return None
+    if len(x) > TSNE_MAX_PATCHES:
+        pick = np.sort(np.random.default_rng(seed).choice(len(x), TSNE_MAX_PATCHES, replace=False))
+        x, y = x[pick], y[pick]
+
+    perplexity = min(30.0, (len(x) - 1) / 3)
+    embedded = TSNE(perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    fig = Figure(figsize=(6.4, 6), layout="constrained")
+    ax = fig.subplots()
+    for c, name in enumerate(classes):
+        mine = y == c
+        if mine.any():
+            ax.scatter(
+                *embedded[mine].T,
+                s=10,
+                alpha=0.7,
+                color=_PALETTE[c % 10],
+                label=f"{name} ({int(mine.sum())})",
+            )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    known = sum(r.label is not None for r in used)
+    keys = {len(used): "true class", 0: "predicted class"}
+    key = keys.get(known, "true class, predicted where unknown")
+    ax.set_title(f"t-SNE of {len(x)} patch features\n(colour: {key})")
+    ax.legend(title="class (patches)", markerscale=2, loc="best")
+    return _save(fig, path)
+
+
+def _montage(
+    tiles: np.ndarray, positions: np.ndarray, max_side: int, gap: float = 0.0
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Tiles laid out at their (row, col) grid positions on white, at most ``max_side`` px.
+
+    Tiles are shrunk by striding (this is for display); ``gap`` is a fraction of a tile.
+    Returns the canvas and the (height, width) of one grid cell, tile plus gap, in its pixels.
+    """
+    rows, cols = positions.max(axis=0) + 1
+    step = max(1, math.ceil(max(tiles.shape[1] * rows, tiles.shape[2] * cols) / max_side))
+    tiles = tiles[:, ::step, ::step]
+    h, w = tiles.shape[1:3]
+    space = max(2, round(gap * h)) if gap else 0
+    cell_h, cell_w = h + space, w + space
+    canvas = np.full((rows * cell_h - space, cols * cell_w - space, 3), 255, np.uint8)
+    for tile, (r, c) in zip(tiles, positions, strict=True):
+        canvas[r * cell_h : r * cell_h + h, c * cell_w : c * cell_w + w] = tile
+    return canvas, (cell_h, cell_w)
+
+
+class TileCache:
+    """``patches`` checked against each result's grid, each image loaded once."""
+
+    def __init__(self, patches: Callable[[str], np.ndarray]) -> None:
+        self.patches = patches
+        self.loaded: dict[str, np.ndarray] = {}
+
+    def __call__(self, r: ImageResult) -> np.ndarray:
+        if r.image_id not in self.loaded:
+            tiles = np.asarray(self.patches(r.image_id))
+            if tiles.ndim != 4 or len(tiles) != len(r.positions):
+                raise ValueError(
+                    f"{r.image_id}: expected {len(r.positions)} patches [N, S, S, 3], "
+                    f"got {tiles.shape}"
+                )
+            self.loaded[r.image_id] = tiles
+        return self.loaded[r.image_id]
+
+
+def _headline(r: ImageResult, classes: Sequence[str]) -> str:
+    truth = "" if r.label is None else f"true {classes[r.label]}, "
+    return f"{r.image_id}: {truth}predicted {classes[r.predicted]} ({r.probs[r.predicted]:.2f})"
+
+
+def plot_patch_grid(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    """One image's patches at their grid positions, numbered in row-major order."""
+    positions = np.asarray(r.positions, dtype=int)
+    canvas, (cell_h, cell_w) = _montage(tiles, positions, max_side=1600, gap=0.04)
+    fig = Figure(figsize=(8, 8 * canvas.shape[0] / canvas.shape[1] + 0.6), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(canvas)
+    order = np.lexsort((positions[:, 1], positions[:, 0]))  # row-major numbering
+    for number, i in enumerate(order, start=1):
+        row, col = positions[i]
+        x, y = col * cell_w + 3, row * cell_h + 3
+        ax.text(
+            x,
+            y,
+            str(number),
+            ha="left",
+            va="top",
+            fontsize=8,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
+        )
+    ax.set_axis_off()
+    ax.set_title(f"{_headline(r, classes)}\n{len(positions)} patches in grid order")
+    return _save(fig, path)
+
+
+def _grid_values(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    rows, cols = positions.max(axis=0) + 1
+    grid = np.full((rows, cols), np.nan)
+    grid[positions[:, 0], positions[:, 1]] = values
+    return grid
+
+
+def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    """The image beside one per-class patch-probability overlay (and attention, if any)."""
+    positions = np.asarray(r.positions, dtype=int)
+    image, _ = _montage(tiles, positions, max_side=480)
+    # Overlays go on a grey copy: the colour scale then reads without the stain's pinks.
+    grey = image @ np.array([0.299, 0.587, 0.114])
+    extent = (0, image.shape[1], image.shape[0], 0)
+    n_panels = 1 + len(classes) + (r.attention is not None)
+    ncols = min(n_panels, 3)
+    nrows = math.ceil(n_panels / ncols)
+    width = 3.0 * ncols + 1.0
+    height = 3.0 * nrows * image.shape[0] / image.shape[1] + 0.4 * nrows + 0.9
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(nrows, ncols)).ravel())
+    for ax in axes:
+        ax.set_axis_off()
+    axes[0].imshow(image)
+    axes[0].set_title("the patches, as tiled\n ")
+
+    def overlay(ax: Axes, values: np.ndarray, vmax: float, cmap: str):
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        return ax.imshow(
+            _grid_values(values, positions),
+            extent=extent,
+            cmap=cmap,
+            vmin=0,
+            vmax=vmax,
+            alpha=0.6,
+            interpolation="nearest",
+        )
+
+    class_axes = axes[1 : 1 + len(classes)]
+    for c, (ax, name) in enumerate(zip(class_axes, classes, strict=True)):
+        shown = overlay(ax, r.patch_probs[:, c], 1.0, "inferno")
+        tags = [t for t, k in (("true", r.label), ("predicted", r.predicted)) if k == c]
+        colour = "black"
+        if tags:
+            colour = "tab:green" if r.label in (None, r.predicted) or c == r.label else "tab:red"
+        marker = f"\u25c6 {' & '.join(tags)}" if tags else " "
+        ax.set_title(
+            f"{name}: image p={r.probs[c]:.2f}\n{marker}",
+            color=colour,
+            fontweight="bold" if tags else "normal",
+        )
+    fig.colorbar(
+        shown, ax=axes, location="bottom", shrink=0.5, aspect=40, label="patch probability"
+    )
+    if r.attention is not None:
+        attention = np.asarray(r.attention, dtype=float)
+        ax = axes[1 + len(classes)]
+        shown = overlay(ax, attention, float(attention.max()) or 1.0, "viridis")
+        ax.set_title("attention weight\n ")
+        fig.colorbar(shown, ax=ax, shrink=0.8)
+    fig.suptitle(_headline(r, classes))
+    return _save(fig, path)

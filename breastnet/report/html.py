@@ -1,0 +1,214 @@
+"""The report's index.html: one self-contained page (figures inlined) a browser opens from disk."""
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+from breastnet.report.result import ImageResult, class_name
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222;
+       padding: 0 1em; }
+h1 { margin-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 1em 1em 0; display: inline-block; vertical-align: top; }
+figure.half { width: calc(50% - 1em); }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: 0.9em; }
+.muted { color: #777; }
+.error { color: #b00; }
+"""
+
+# Counts the figures that really decoded, for a headless-browser check of the page.
+_SCRIPT = """
+<script>
+window.addEventListener("load", function () {
+  var loaded = 0;
+  for (var i = 0; i < document.images.length; i++) {
+    var img = document.images[i];
+    if (img.complete && img.naturalWidth > 0) loaded++;
+  }
+  document.body.dataset.imagesLoaded = String(loaded);
+});
+</script>
+"""
+
+_CAPTIONS = {
+    "confusion_matrix": "Confusion matrix: rows true class, columns predicted class.",
+    "roc": "One-vs-rest ROC curve of each class present in the labels.",
+    "tsne": "t-SNE of patch features, coloured by the class of their image.",
+    "patch_grid": "The patches of one image at their grid positions, numbered row by row.",
+}
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_ci(interval: list[float] | None) -> str:
+    return "n/a" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
+def _esc(x: object) -> str:
+    return html.escape(str(x))
+
+
+def _table(header: Sequence[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+    """An HTML table; cells are already escaped."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(path: Path, caption: str, half: bool = False) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    css = ' class="half"' if half else ""
+    return (
+        f'<figure{css}><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
+        f"<figcaption>{_esc(caption)}</figcaption></figure>"
+    )
+
+
+def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
+    summary = _table(
+        [
+            "image accuracy",
+            "95 % CI",
+            "patch accuracy",
+            "macro AUC",
+            "95 % CI",
+            "images",
+            "patches",
+        ],
+        [
+            [
+                _fmt(metrics["image_accuracy"]),
+                _fmt_ci(metrics["image_accuracy_ci"]),
+                _fmt(metrics["patch_accuracy"]),
+                _fmt(metrics["macro_auc"]),
+                _fmt_ci(metrics["macro_auc_ci"]),
+                str(metrics["n_images"]),
+                "n/a" if metrics["n_patches"] is None else str(metrics["n_patches"]),
+            ]
+        ],
+        numeric=set(range(7)),
+    )
+    per_class = _table(
+        ["class", "sensitivity", "specificity", "AUC", "n"],
+        [
+            [_esc(name), *(_fmt(m[k]) for k in ("sensitivity", "specificity", "auc")), str(m["n"])]
+            for name, m in ((c, metrics["per_class"][c]) for c in classes)
+        ],
+        numeric={1, 2, 3, 4},
+    )
+    return f"<h2>Metrics</h2>{summary}<h3>Per class</h3>{per_class}"
+
+
+def _predictions_html(results: list[ImageResult], classes: Sequence[str]) -> str:
+    rows = [
+        [
+            _esc(r.image_id),
+            _esc(r.path),
+            _esc(class_name(r.label, classes)),
+            _esc(classes[r.predicted]),
+            _fmt(float(r.probs[r.predicted])),
+        ]
+        for r in results
+        if not r.failed
+    ]
+    return _table(["image", "path", "true", "predicted", "probability"], rows, numeric={4})
+
+
+def render_html(
+    title: str,
+    results: list[ImageResult],
+    metrics: dict | None,
+    figures: dict[str, Path],
+    heatmaps: dict[str, Path],
+    misclassified: list[ImageResult],
+    classes: Sequence[str],
+) -> str:
+    """The page: metrics, figures, misclassified images with their heatmaps, predictions and
+    failed files; ``figures`` and ``heatmaps`` are PNG paths, inlined as data URLs."""
+    failed = [r for r in results if r.failed]
+    parts = [
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="muted">{len(results)} images, {len(failed)} failed. Files: '
+        + ('<a href="metrics.json">metrics.json</a>, ' if metrics is not None else "")
+        + '<a href="predictions.csv">predictions.csv</a>.</p>',
+    ]
+    if metrics is not None:
+        parts.append(_metrics_html(metrics, classes))
+    else:
+        parts.append("<h2>Predictions</h2><p>No labels: no metrics.</p>")
+        parts.append(_predictions_html(results, classes))
+
+    overview = [
+        _img(figures[k], _CAPTIONS[k], half=k in ("roc", "tsne"))
+        for k in _CAPTIONS
+        if k in figures
+    ]
+    if overview:
+        parts.append("<h2>Figures</h2>" + "".join(overview))
+
+    if metrics is not None:
+        parts.append(f"<h2>Misclassified images ({len(misclassified)})</h2>")
+        if misclassified:
+            rows = [
+                [
+                    _esc(r.image_id),
+                    _esc(r.path),
+                    _esc(classes[r.label]),
+                    _esc(classes[r.predicted]),
+                    _fmt(float(r.probs[r.predicted])),
+                    _fmt(float(r.probs[r.label])),
+                ]
+                for r in misclassified
+            ]
+            header = ["image", "path", "true", "predicted", "p(predicted)", "p(true)"]
+            parts.append(_table(header, rows, numeric={4, 5}))
+            parts.extend(
+                _img(heatmaps[r.image_id], f"{r.image_id}: per-class patch probabilities")
+                for r in misclassified
+                if r.image_id in heatmaps
+            )
+        else:
+            parts.append("<p>None.</p>")
+    wrong = {r.image_id for r in misclassified}
+    others = [(i, p) for i, p in heatmaps.items() if i not in wrong]
+    if others:
+        parts.append("<h2>Example heatmaps</h2>")
+        parts.extend(_img(p, f"{i}: per-class patch probabilities") for i, p in others)
+
+    if metrics is not None:
+        parts.append("<details><summary>All predictions</summary>")
+        parts.append(_predictions_html(results, classes) + "</details>")
+
+    parts.append(f"<h2>Failed files ({len(failed)})</h2>")
+    if failed:
+        rows = [
+            [_esc(r.image_id), _esc(r.path), f'<span class="error">{_esc(r.error or "")}</span>']
+            for r in failed
+        ]
+        parts.append(_table(["image", "path", "error"], rows))
+    else:
+        parts.append("<p>None.</p>")
+
+    body = "\n".join(parts)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<body>\n{body}\n{_SCRIPT}</body>\n</html>\n"
+    )

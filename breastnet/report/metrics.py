@@ -1,0 +1,205 @@
+"""Every number a report quotes: accuracy, AUC, per-class rates, confusion, intervals, ROC.
+
+Plain numpy in, JSON-safe numbers out. The figures, the HTML page, W&B and the stages take
+their numbers from here, so a number reads the same wherever it is shown.
+"""
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_confusion_matrix,
+)
+
+from breastnet import CLASSES
+
+BOOTSTRAP_RESAMPLES = 1000
+_BOOTSTRAP_CHUNK = 2**22  # resample x image weights held at once (32 MiB of float64)
+
+
+def _number(x: float | np.floating | torch.Tensor) -> float | None:
+    """A JSON-safe float: NaN and infinities become None (JSON has no NaN).
+
+    A float32 value keeps its shortest float32 spelling (0.9166667, not 0.9166666865348816).
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.numpy()[()]
+    x = float(str(x)) if isinstance(x, np.float32) else float(x)
+    return x if math.isfinite(x) else None
+
+
+def accuracy(labels: np.ndarray, preds: np.ndarray, n_classes: int = len(CLASSES)) -> float | None:
+    """Fraction of ``preds`` equal to ``labels`` (micro accuracy, as torchmetrics counts it
+    in training); None when there is nothing to count.
+
+    Args:
+        labels: [n] true class indices.
+        preds: [n] predicted class indices.
+        n_classes: how many classes there are.
+    """
+    target = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    pred = torch.as_tensor(np.asarray(preds, dtype=np.int64))
+    if target.shape != pred.shape or target.ndim != 1:
+        raise ValueError("labels and preds must be 1-d arrays of one length")
+    if not len(target):
+        return None
+    return _number(multiclass_accuracy(pred, target, num_classes=n_classes, average="micro"))
+
+
+def roc_curves(labels: np.ndarray, probs: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """One-vs-rest ROC curve ``(fpr, tpr)`` of each class that has an AUC (images of it and
+    of other classes), by class index."""
+    labels = np.asarray(labels)
+    curves = {}
+    for c in range(probs.shape[1]):
+        if 0 < (labels == c).sum() < len(labels):
+            fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
+            curves[c] = (fpr, tpr)
+    return curves
+
+
+def _weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUC (ties count half) with each row of ``weights`` counting the images.
+
+    Args:
+        scores: [n] one class's scores.
+        positive: [n] bool, the images of that class.
+        weights: [B, n] how often each image is drawn in each resample.
+
+    Returns:
+        [B] AUCs, NaN where a resample has no positive or no negative image.
+    """
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # one per distinct score
+    pos = np.add.reduceat((weights * positive)[:, order], starts, axis=1)  # B x levels
+    neg = np.add.reduceat((weights * ~positive)[:, order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored lower than each level
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    auc_classes: Sequence[int],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[list[float], list[float] | None]:
+    """Percentile-bootstrap intervals of image accuracy and macro AUC, resampling images.
+
+    Args:
+        labels: [n] true class indices.
+        probs: [n, C] class probabilities.
+        auc_classes: the classes whose AUC enters the macro mean (those defined on the full
+            sample); a resample averages those it holds both positives and negatives of.
+        resamples: bootstrap resamples (draws of n images with replacement).
+        seed: the resampling seed: the same inputs and seed give the same intervals.
+        level: the interval's coverage.
+
+    Returns:
+        ``([low, high] accuracy, [low, high] macro AUC or None without auc_classes)``.
+    """
+    n = len(labels)
+    correct = (probs.argmax(1) == labels).astype(float)
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    accuracies, auc = [], []
+    for rows in np.array_split(draws, max(1, resamples * n // _BOOTSTRAP_CHUNK)):
+        offsets = rows + n * np.arange(len(rows))[:, None]
+        weights = np.bincount(offsets.ravel(), minlength=rows.size).reshape(rows.shape)
+        accuracies.append(weights @ correct / n)
+        if auc_classes:
+            per_class = [_weighted_auc(probs[:, c], labels == c, weights) for c in auc_classes]
+            auc.append(np.stack(per_class))
+    tails = [50 * (1 - level), 50 * (1 + level)]
+    accuracy_ci = [_number(x) for x in np.percentile(np.concatenate(accuracies), tails)]
+    if not auc:
+        return accuracy_ci, None
+    per_resample = np.concatenate(auc, axis=1)  # classes x resamples
+    defined = ~np.isnan(per_resample).all(0)
+    macro = np.nanmean(per_resample[:, defined], axis=0)
+    return accuracy_ci, [_number(x) for x in np.percentile(macro, tails)]
+
+
+def classification_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    patch_labels: np.ndarray | None = None,
+    patch_preds: np.ndarray | None = None,
+    classes: Sequence[str] = CLASSES,
+    seed: int = 0,
+) -> dict:
+    """Image (and patch) accuracy, AUROC, per-class sensitivity/specificity, confusion matrix.
+
+    Args:
+        labels: [n] true class indices.
+        probs: [n, C] class probabilities; the prediction is their argmax.
+        patch_labels, patch_preds: [P] true and predicted class of each patch (optional).
+        classes: class names, in index order.
+        seed: seed of the bootstrap intervals.
+
+    Returns:
+        A JSON-serialisable dict with DESIGN.md's ``metrics.json`` keys plus ``n_images``,
+        ``n_patches``, and 95 % percentile-bootstrap intervals over images
+        (``bootstrap_intervals``), ``image_accuracy_ci`` and ``macro_auc_ci``: ``[low, high]``.
+        A class's one-vs-rest AUC is None when ``labels`` has no image of it (or nothing but
+        it): the ROC is undefined there. ``macro_auc`` is the mean over the classes
+        that have an AUC, so absent classes are left out rather than counted as 0 or 0.5.
+        Sensitivity is None for an absent class, specificity None when every image is of it.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = len(classes)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-d array, got shape {labels.shape}")
+    if probs.shape != (len(labels), n_classes):
+        raise ValueError(f"probs must have shape {(len(labels), n_classes)}, got {probs.shape}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}")
+    target, scores = torch.from_numpy(labels), torch.from_numpy(probs)
+    confusion = multiclass_confusion_matrix(scores, target, num_classes=n_classes).numpy()
+    with warnings.catch_warnings():
+        # An absent class makes torchmetrics warn and return 0; it is set to None below.
+        warnings.filterwarnings("ignore", message="No (positive|negative) samples")
+        aucs = multiclass_auroc(scores, target, num_classes=n_classes, average=None).numpy()
+
+    n = len(labels)
+    per_class = {}
+    for c, name in enumerate(classes):
+        positives = int(confusion[c].sum())
+        negatives = n - positives
+        true_pos = int(confusion[c, c])
+        false_pos = int(confusion[:, c].sum()) - true_pos
+        defined = positives > 0 and negatives > 0
+        per_class[name] = {
+            "sensitivity": true_pos / positives if positives else None,
+            "specificity": (negatives - false_pos) / negatives if negatives else None,
+            "auc": _number(aucs[c]) if defined else None,
+            "n": positives,
+        }
+    present = [m["auc"] for m in per_class.values() if m["auc"] is not None]
+    with_auc = [c for c, name in enumerate(classes) if per_class[name]["auc"] is not None]
+    accuracy_ci, auc_ci = bootstrap_intervals(labels, probs, with_auc, seed=seed)
+
+    patch_accuracy = n_patches = None
+    if patch_labels is not None and patch_preds is not None:
+        n_patches = len(patch_labels)
+        patch_accuracy = accuracy(patch_labels, patch_preds, n_classes)
+    return {
+        "image_accuracy": accuracy(labels, probs.argmax(1), n_classes),
+        "image_accuracy_ci": accuracy_ci,
+        "patch_accuracy": patch_accuracy,
+        "macro_auc": _number(np.mean(present)) if present else None,
+        "macro_auc_ci": auc_ci,
+        "per_class": per_class,
+        "confusion_matrix": confusion.astype(int).tolist(),
+        "n_images": n,
+        "n_patches": n_patches,
+    }

@@ -1,0 +1,160 @@
+"""Writes a report folder: metrics.json, predictions.csv, the PNG figures and index.html."""
+
+import csv
+import io
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from breastnet import CLASSES
+from breastnet.artifacts import write_json, write_text
+from breastnet.report.figures import (
+    TileCache,
+    plot_confusion,
+    plot_heatmap,
+    plot_patch_grid,
+    plot_roc,
+    plot_tsne,
+)
+from breastnet.report.html import render_html
+from breastnet.report.metrics import classification_metrics, roc_curves
+from breastnet.report.result import ImageResult, class_name
+
+
+@dataclass
+class Report:
+    """Where ``write_report`` put things, and the ROC curves it drew (for W&B)."""
+
+    out_dir: Path
+    metrics: dict | None  # what metrics.json holds (None when no result has a label)
+    figures: dict[str, Path]  # name -> PNG path ("confusion_matrix", "heatmap/<image_id>"...)
+    predictions_csv: Path
+    html: Path
+    misclassified: list[str]  # image ids with label != predicted
+    roc_curves: dict[int, tuple[np.ndarray, np.ndarray]]  # class -> (fpr, tpr), when labelled
+
+
+def _patch_predictions(
+    labelled: list[ImageResult], min_tissue: float
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """True and predicted class of the patches with at least ``min_tissue`` tissue (None,
+    None when no result has patches): what patch accuracy counts."""
+    patch_labels, patch_preds = [], []
+    for r in labelled:
+        if r.patch_probs is None:
+            continue
+        patch_preds.append(np.argmax(r.tissue_patches(r.patch_probs, min_tissue), axis=1))
+        patch_labels.append(np.full(len(patch_preds[-1]), r.label))
+    if not patch_labels:
+        return None, None
+    return np.concatenate(patch_labels), np.concatenate(patch_preds)
+
+
+def _write_predictions(path: Path, results: list[ImageResult], classes: Sequence[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["image_id", "path", "label", "predicted", *(f"prob_{c}" for c in classes), "error"]
+    writer.writerow(header)
+    for r in results:
+        probs = [""] * len(classes) if r.failed else [f"{p:.4f}" for p in r.probs]
+        label, predicted = class_name(r.label, classes), class_name(r.predicted, classes)
+        writer.writerow([r.image_id, r.path, label, predicted, *probs, r.error or ""])
+    write_text(path, buffer.getvalue())
+
+
+def _safe_name(image_id: str, taken: set[str]) -> str:
+    """A file-name-safe, unique version of an image id (ids look like ``Benign/b001``)."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def write_report(
+    out_dir: Path,
+    results: list[ImageResult],
+    patches: Callable[[str], np.ndarray] | None = None,
+    classes: Sequence[str] = CLASSES,
+    title: str = "breastnet report",
+    min_tissue: float = 0.05,
+    n_examples: int = 4,
+    seed: int = 0,
+) -> Report:
+    """Write metrics.json (when labelled), predictions.csv, PNG figures and index.html.
+
+    Args:
+        out_dir: where the files go (created if needed).
+        results: one per image, failed ones (``error`` set) included.
+        patches: image_id -> uint8 [N, S, S, 3] stain-normalised patches in the order of
+            ``positions``; None draws no image figures (patch grid, heatmaps).
+        classes: class names, in index order.
+        title: the page title.
+        min_tissue: patches with less tissue are left out of patch accuracy and t-SNE.
+        n_examples: how many heatmaps to draw, misclassified images first.
+        seed: for the t-SNE and its subsample.
+    """
+    out_dir = Path(out_dir)
+    ok = [r for r in results if not r.failed]
+    labelled = [r for r in ok if r.label is not None]
+    n_errors = len(results) - len(ok)
+
+    metrics, curves = None, {}
+    if labelled:
+        labels = np.array([r.label for r in labelled])
+        probs = np.stack([r.probs for r in labelled])
+        patch_labels, patch_preds = _patch_predictions(labelled, min_tissue)
+        metrics = classification_metrics(labels, probs, patch_labels, patch_preds, classes)
+        metrics |= {"n_errors": n_errors}
+        curves = roc_curves(labels, probs)
+        write_json(out_dir / "metrics.json", metrics)
+    predictions_csv = out_dir / "predictions.csv"
+    _write_predictions(predictions_csv, results, classes)
+
+    figures: dict[str, Path] = {}
+    if metrics is not None:
+        figures["confusion_matrix"] = plot_confusion(
+            metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png"
+        )
+        if curves:
+            figures["roc"] = plot_roc(curves, metrics, classes, out_dir / "roc.png")
+    tsne = plot_tsne(ok, classes, min_tissue, seed, out_dir / "tsne.png")
+    if tsne is not None:
+        figures["tsne"] = tsne
+
+    misclassified = [r for r in labelled if r.predicted != r.label]
+    heatmaps: dict[str, Path] = {}
+    if patches is not None:
+        tiles = TileCache(patches)  # predict re-tiles an image per call: load each once
+        gridded = [r for r in ok if r.patch_probs is not None and r.positions is not None]
+        first = next((r for r in gridded if r.label is not None), gridded[0] if gridded else None)
+        if first is not None:
+            figures["patch_grid"] = plot_patch_grid(
+                first, tiles(first), classes, out_dir / "patch_grid.png"
+            )
+        wrong = {r.image_id for r in misclassified}
+        chosen = [r for r in gridded if r.image_id in wrong]
+        chosen += [r for r in gridded if r.image_id not in wrong]
+        taken: set[str] = set()
+        for r in chosen[:n_examples]:
+            path = out_dir / f"heatmap_{_safe_name(r.image_id, taken)}.png"
+            heatmaps[r.image_id] = plot_heatmap(r, tiles(r), classes, path)
+            figures[f"heatmap/{r.image_id}"] = heatmaps[r.image_id]
+
+    page = render_html(title, results, metrics, figures, heatmaps, misclassified, classes)
+    html_path = out_dir / "index.html"
+    write_text(html_path, page)
+    return Report(
+        out_dir=out_dir,
+        metrics=metrics,
+        figures=figures,
+        predictions_csv=predictions_csv,
+        html=html_path,
+        misclassified=[r.image_id for r in misclassified],
+        roc_curves=curves,
+    )

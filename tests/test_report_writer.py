@@ -1,0 +1,79 @@
+"""The report folder: metrics.json, predictions.csv and figures hold what they claim."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from breastnet import CLASSES
+from breastnet.report import write_report
+from breastnet.report.metrics import classification_metrics
+
+from conftest import synthetic_results
+
+
+def test_report_metrics_equal_classification_metrics(report) -> None:
+    rep, results = report
+    ok = [r for r in results if r.error is None]
+    patch_labels = np.concatenate([np.full((r.tissue >= 0.05).sum(), r.label) for r in ok])
+    patch_preds = np.concatenate([r.patch_probs[r.tissue >= 0.05].argmax(axis=1) for r in ok])
+    expected = classification_metrics(
+        np.array([r.label for r in ok]), np.stack([r.probs for r in ok]), patch_labels, patch_preds
+    )
+    saved = json.loads((rep.out_dir / "metrics.json").read_text())
+    assert saved == rep.metrics == expected | {"n_errors": 1}
+    assert saved["n_images"] == 12 and saved["n_patches"] == 12 * 8
+    assert rep.misclassified == [r.image_id for r in ok if r.predicted != r.label]
+
+
+def test_predictions_csv(report) -> None:
+    rep, results = report
+    with rep.predictions_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [
+        "image_id", "path", "label", "predicted",
+        "prob_Normal", "prob_Benign", "prob_InSitu", "prob_Invasive", "error",
+    ]  # fmt: skip
+    assert [row["image_id"] for row in rows] == [r.image_id for r in results]
+    first = results[0]
+    assert rows[0]["label"] == "Normal" and rows[0]["predicted"] == CLASSES[first.predicted]
+    assert rows[0]["prob_Invasive"] == f"{first.probs[3]:.4f}" and rows[0]["error"] == ""
+    assert rows[-1]["error"] == "unreadable: truncated TIFF"
+    assert rows[-1]["label"] == "Benign" and rows[-1]["predicted"] == rows[-1]["prob_Normal"] == ""
+
+
+def test_figures_are_real_pngs(report) -> None:
+    rep, results = report
+    ok = [r for r in results if r.error is None]
+    wrong = [r.image_id for r in ok if r.predicted != r.label]
+    heatmap_ids = (wrong + [r.image_id for r in ok if r.image_id not in wrong])[:3]
+    assert set(rep.figures) == {"confusion_matrix", "roc", "tsne", "patch_grid"} | {
+        f"heatmap/{i}" for i in heatmap_ids
+    }
+    assert rep.figures["roc"] == rep.out_dir / "roc.png"
+    assert rep.figures[f"heatmap/{heatmap_ids[0]}"].name.startswith("heatmap_")
+    for path in rep.figures.values():
+        assert path.parent == rep.out_dir
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 300
+            im.load()
+
+
+def test_no_labels_gives_predictions_but_no_metrics(tmp_path: Path) -> None:
+    results, store = synthetic_results(n=4, labelled=False)
+    loads = []
+    rep = write_report(
+        tmp_path, results, patches=lambda i: loads.append(i) or store[i], n_examples=1
+    )
+    assert loads == [results[0].image_id]  # patch grid and heatmap share one load
+    assert rep.metrics is None and not (tmp_path / "metrics.json").exists()
+    assert rep.misclassified == []
+    assert set(rep.figures) == {"tsne", "patch_grid", f"heatmap/{results[0].image_id}"}
+    with rep.predictions_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(row["label"] == "" for row in rows)
+    assert rows[0]["predicted"] == CLASSES[results[0].predicted]
+    page = rep.html.read_text()
+    assert "No labels" in page and "Misclassified" not in page and results[0].image_id in page
