@@ -6,9 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_reporting import synthetic_results
 
 from breastnet.reporting import write_report
+
+from conftest import synthetic_results
 
 
 @pytest.mark.slow

@@ -11,22 +11,11 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, roc_auc_score
 
 from breastnet import CLASSES
-from breastnet.reporting import (
-    ImageResult,
-    bootstrap_intervals,
-    classification_metrics,
-    write_report,
-)
+from breastnet.reporting import bootstrap_intervals, classification_metrics, write_report
+
+from conftest import noisy_probs, synthetic_results
 
 C = len(CLASSES)
-
-
-def noisy_probs(labels: np.ndarray, rng: np.random.Generator, signal: float = 1.5) -> np.ndarray:
-    """Softmax of random logits nudged towards the true class (right most of the time)."""
-    logits = rng.normal(size=(len(labels), C))
-    logits[np.arange(len(labels)), labels] += signal
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def sklearn_specificity(labels: np.ndarray, preds: np.ndarray, c: int) -> float:
@@ -134,53 +123,6 @@ def test_intervals_of_degenerate_samples() -> None:
     labels = np.repeat(np.arange(C), 3)
     m = classification_metrics(labels, np.eye(C)[labels] * 0.9 + 0.1 / C)
     assert m["image_accuracy_ci"] == m["macro_auc_ci"] == [1.0, 1.0]
-
-
-def synthetic_results(
-    n: int = 12, grid: tuple[int, int] = (3, 3), size: int = 32, seed: int = 0, labelled=True
-) -> tuple[list[ImageResult], dict[str, np.ndarray]]:
-    """``n`` images with patch probabilities, features and patches, then one failed file."""
-    rng = np.random.default_rng(seed)
-    rows, cols = grid
-    positions = np.array([(r, c) for r in range(rows) for c in range(cols)])
-    results, store = [], {}
-    for i in range(n):
-        label = i % C
-        image_id = f"{CLASSES[label]}/img{i:03d}"
-        patch_probs = noisy_probs(np.full(len(positions), label), rng, signal=1.0)
-        tissue = rng.uniform(0.2, 1, len(positions))
-        tissue[0] = 0.01  # one background patch per image
-        features = rng.normal(size=(len(positions), 16)) + 3 * np.eye(16)[label]
-        base = np.array([200, 120, 180]) - 30 * label
-        store[image_id] = np.clip(
-            base + rng.integers(-40, 40, size=(len(positions), size, size, 3)), 0, 255
-        ).astype(np.uint8)
-        results.append(
-            ImageResult(
-                image_id=image_id,
-                path=f"/data/{image_id}.tif",
-                label=label if labelled else None,
-                probs=patch_probs[tissue >= 0.05].mean(axis=0),
-                patch_probs=patch_probs,
-                positions=positions,
-                tissue=tissue,
-                features=features,
-                attention=rng.dirichlet(np.ones(len(positions))) if i % 2 else None,
-            )
-        )
-    results.append(
-        ImageResult(
-            image_id="Benign/broken",
-            path="/data/Benign/broken.tif",
-            label=1 if labelled else None,
-            probs=None,
-            patch_probs=None,
-            positions=None,
-            tissue=None,
-            error="unreadable: truncated TIFF",
-        )
-    )
-    return results, store
 
 
 @pytest.fixture(scope="module")
