@@ -1,7 +1,9 @@
-"""Shared fixtures: CPU only, real bach-dev images found through one setting, report inputs."""
+"""Shared fixtures and helpers: CPU only, real data found through one setting, the small
+models, runs and reports that several test modules build."""
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,24 @@ CPU_TRAINER = {
     "enable_progress_bar": False,
     "enable_model_summary": False,
 }
+# The whole pipeline in seconds: generated images, 32 px patches, a small CNN, 2 epochs.
+SMALL_RUN = [
+    "experiment=demo",
+    "data.tile_size=64",
+    "data.stride=64",
+    "data.patch_size=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.prepare_workers=0",
+    "data.split=[0.5,0.25,0.25]",
+    "patch_model=mobilenet_v2",
+    "patch_model.net.weights=none",
+    "patch_model.optimizer.lr=0.01",
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "+trainer.enable_progress_bar=false",
+    "logger=none",
+]
 
 
 def compose_config(tmp_path: Path, *overrides: str, keep_hydra: bool = False):
@@ -48,6 +68,14 @@ def compose_config(tmp_path: Path, *overrides: str, keep_hydra: bool = False):
 
 
 BACH_DEV = Path(os.environ.get("BREASTNET_BACH_DEV", ROOT.parent / "shared" / "data" / "bach-dev"))
+SHARED_MOBILENET = Path(
+    os.environ.get(
+        "BREASTNET_WEIGHTS",
+        ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet_bnfolded_fp16.pth",
+    )
+)
+"""The shared ImageNet MobileNetV2 (BatchNorm folded, fp16); the tests that need it skip
+without it."""
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +115,6 @@ def tissue_like(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
 @pytest.fixture
 def tiny_bach(tmp_path: Path) -> Path:
     """A BACH layout with 4 small distinct PNGs per class (64x48)."""
-    from breastnet import CLASSES
-
     root = tmp_path / "bach"
     for c, name in enumerate(CLASSES):
         for i in range(4):
@@ -125,6 +151,28 @@ def build_aggregator(name: str, feature_dim: int, num_classes: int = 4, **overri
     node = image_model_config(name).aggregator
     sizes = {"feature_dim": feature_dim, "num_classes": num_classes, **overrides}
     return instantiate(node, **{k: v for k, v in sizes.items() if k in node.keys()})  # noqa: SIM118 (a ??? value is not `in` a DictConfig)
+
+
+def make_patch_model(name: str = "mobilenet_v2", **kwargs: object):
+    """A random-init ``PatchClassifier`` with SGD; ``kwargs`` go to the classifier."""
+    from breastnet.models.backbone import build_backbone
+    from breastnet.models.patch_classifier import PatchClassifier
+
+    sgd = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    return PatchClassifier(build_backbone(name, weights="none"), optimizer=sgd, **kwargs)
+
+
+def patch_samples(n: int, size: int = 64) -> list[dict[str, object]]:
+    """In-memory dict samples as the DataModule yields them: uint8 CHW, int64 label, extras."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "x": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g),
+            "y": torch.tensor(i % 4),
+            "image_id": f"img{i // 2}",
+        }
+        for i in range(n)
+    ]
 
 
 def noisy_probs(labels: np.ndarray, rng: np.random.Generator, signal: float = 1.5) -> np.ndarray:

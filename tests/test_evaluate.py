@@ -9,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import make_cfg
-from test_stages import SMALL
 
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError
 from breastnet.data.synthetic import write_synthetic_dataset
 
+from conftest import SMALL_RUN, compose_config
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Attention-MIL: quick to train, and it has attention weights for the heatmaps.
-TINY = [*SMALL, "image_model=attention", "image.max_epochs=3", "evaluate.examples=2"]
+TINY = [*SMALL_RUN, "image_model=attention", "image.max_epochs=3", "evaluate.examples=2"]
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +27,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]
     """Generated data, a run dir and the metrics of every training stage run on them."""
     data = write_synthetic_dataset(tmp_path_factory.mktemp("data"), 4, 256, 192, seed=5)
     run = tmp_path_factory.mktemp("run")
-    cfg = make_cfg(run, *TINY, f"data.data_dir={data}", "stages=[prepare,patch,features,image]")
+    cfg = compose_config(
+        run, *TINY, f"data.data_dir={data}", "stages=[prepare,patch,features,image]"
+    )
     return data, run, run_stages(cfg)
 
 
 def cfg_for(trained: tuple[Path, Path, dict], *overrides: str):
     data, run, _ = trained
-    return make_cfg(run, *TINY, f"data.data_dir={data}", *overrides)
+    return compose_config(run, *TINY, f"data.data_dir={data}", *overrides)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -108,7 +110,7 @@ def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: 
     rows = {r["image_id"]: r for r in read_rows(out / "predictions.csv")}
     assert len(rows) == 10
     assert "cannot read image" in rows["Invasive/broken"]["error"]
-    assert "smaller" in rows["Normal/tiny"]["error"] or "tile" in rows["Normal/tiny"]["error"]
+    assert "tiny.png: image 20x20 is smaller than one 64x64 tile" in rows["Normal/tiny"]["error"]
     assert rows["Invasive/broken"]["predicted"] == ""
     good = [r for r in rows.values() if not r["error"]]
     assert len(good) == 8 and all(r["predicted"] for r in good)

@@ -14,35 +14,16 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from breastnet.models.backbone import build_backbone
 from breastnet.models.patch_classifier import PatchClassifier, warmup_cosine
 
-from conftest import CONF, CPU_TRAINER
+from conftest import CONF, CPU_TRAINER, make_patch_model, patch_samples
 
-SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4)
 TRAINER = CPU_TRAINER
-
-
-def make_model(name: str = "mobilenet_v2", **kwargs: object) -> PatchClassifier:
-    return PatchClassifier(build_backbone(name, weights="none"), optimizer=SGD, **kwargs)
-
-
-def patches(n: int, size: int = 64) -> list[dict[str, object]]:
-    """In-memory dict samples as the DataModule yields them: uint8 CHW, int64 label, extras."""
-    g = torch.Generator().manual_seed(0)
-    return [
-        {
-            "x": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g),
-            "y": torch.tensor(i % 4),
-            "image_id": f"img{i // 2}",
-        }
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="module")
 def inception() -> PatchClassifier:
-    return make_model("inception_v3")
+    return make_patch_model("inception_v3")
 
 
 def test_aux_loss_counts_only_in_training(inception: PatchClassifier) -> None:
@@ -72,14 +53,14 @@ def test_batch_of_one_is_skipped_for_the_aux_head(inception: PatchClassifier) ->
 
 def test_class_weights_and_label_smoothing() -> None:
     weights = [1.0, 2.0, 3.0, 4.0]
-    model = make_model(class_weights=weights, label_smoothing=0.1).eval()
+    model = make_patch_model(class_weights=weights, label_smoothing=0.1).eval()
     batch = {"x": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), "y": torch.arange(4)}
     with torch.no_grad():
         loss, logits, y = model.model_step(batch)
     expected = F.cross_entropy(logits, y, weight=torch.tensor(weights), label_smoothing=0.1)
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ValueError, match="class_weights"):
-        make_model(class_weights=[1.0, 2.0])
+        make_patch_model(class_weights=[1.0, 2.0])
 
 
 def test_val_acc_is_micro_not_balanced(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,7 +71,7 @@ def test_val_acc_is_micro_not_balanced(monkeypatch: pytest.MonkeyPatch) -> None:
     macro = MulticlassAccuracy(num_classes=4)(preds, y)
     assert micro == pytest.approx(0.75) and macro < 0.5
 
-    model = make_model()
+    model = make_patch_model()
     # The predicted class is written into pixel (0, 0) of each image.
     monkeypatch.setattr(model, "forward", lambda x: F.one_hot(x[:, 0, 0, 0].long(), 4) * 5.0)
     x = torch.zeros(8, 3, 64, 64, dtype=torch.uint8)
@@ -103,10 +84,10 @@ def test_val_acc_is_micro_not_balanced(monkeypatch: pytest.MonkeyPatch) -> None:
     assert logged["val/recall_Benign"] == pytest.approx(0.0)
 
 
-def test_fast_dev_run_fit_and_predict() -> None:
-    model = make_model(scheduler=partial(warmup_cosine, warmup_epochs=1))
+def test_fast_dev_run_fit() -> None:
+    model = make_patch_model(scheduler=partial(warmup_cosine, warmup_epochs=1))
     before = copy.deepcopy(model.net.state_dict())
-    loader = DataLoader(patches(4), batch_size=2)
+    loader = DataLoader(patch_samples(4), batch_size=2)
     trainer = pl.Trainer(fast_dev_run=True, **TRAINER)
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
     after = model.net.state_dict()
@@ -114,27 +95,10 @@ def test_fast_dev_run_fit_and_predict() -> None:
     assert not torch.equal(before["model.classifier.1.weight"], after["model.classifier.1.weight"])
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
 
-    (out,) = trainer.predict(model, loader)  # fast_dev_run: one batch
-    assert out["probs"].shape == (2, 4) and out["features"].shape == (2, 1280)
-    torch.testing.assert_close(out["probs"].sum(1), torch.ones(2))
-    assert out["image_id"] == ["img0", "img0"]
-
-
-def test_extract_features_and_proba_use_eval_mode() -> None:
-    model = make_model().train()
-    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    features = model.extract_features(x)
-    probs = model.predict_proba(x)
-    assert model.net.training  # mode restored
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(features, model.net.forward_features(model.net.normalize(x)))
-        torch.testing.assert_close(probs, model(x).softmax(1))
-
 
 def test_channels_last_gives_the_same_logits() -> None:
-    model = make_model().eval()
-    fast = make_model(channels_last=True)
+    model = make_patch_model().eval()
+    fast = make_patch_model(channels_last=True)
     fast.net.load_state_dict(model.net.state_dict())
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
@@ -159,12 +123,12 @@ class RecordTrunk(pl.Callback):
 
 
 def test_freeze_backbone_for_the_first_epoch() -> None:
-    model = make_model(freeze_backbone_epochs=1)
+    model = make_patch_model(freeze_backbone_epochs=1)
     record = RecordTrunk()
     trainer = pl.Trainer(
         max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[record], **TRAINER
     )
-    trainer.fit(model, DataLoader(patches(4), batch_size=2))
+    trainer.fit(model, DataLoader(patch_samples(4), batch_size=2))
     assert record.moved == [(False, True), (True, True)]
 
 
@@ -197,7 +161,13 @@ def test_trainer_configs_compose(name: str, tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONF / "trainer"), version_base="1.3"):
         trainer_cfg = compose(name)
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}, "trainer": trainer_cfg})
-    assert cfg.trainer.default_root_dir == str(tmp_path)
-    if cfg.trainer.accelerator in ("cpu", "auto"):
-        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-        assert isinstance(trainer, pl.Trainer)
+    t = cfg.trainer
+    assert t.default_root_dir == str(tmp_path)
+    if t.accelerator in ("cpu", "auto"):
+        trainer = instantiate(t, logger=False, enable_checkpointing=False)
+        assert (trainer.max_epochs, trainer.num_devices, trainer.precision) == (
+            t.max_epochs,
+            t.devices,
+            t.precision,
+        )
+        assert trainer.default_root_dir == str(tmp_path)

@@ -4,7 +4,6 @@ Both tests are slow (JPEG decoding and CNN passes on the CPU) and read the image
 (``bach_dev`` fixture); the second also needs the shared ImageNet MobileNetV2 weight file.
 """
 
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -23,15 +22,11 @@ from torch.utils.data import DataLoader
 
 from breastnet import CLASSES
 from breastnet.models.backbone import Backbone, build_backbone
+from breastnet.models.embedding import embed_patches
 from breastnet.models.patch_classifier import PatchClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_MOBILENET = Path(
-    os.environ.get(
-        "BREASTNET_WEIGHTS",
-        ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet_bnfolded_fp16.pth",
-    )
-)
+from conftest import SHARED_MOBILENET
+
 CENTRE_TILE = (512, 512, 1024, 1024)
 """PIL box (left, top, right, bottom) of the centre 512 px tile of a 1536 px BACH image."""
 
@@ -65,6 +60,16 @@ def load_images(
     return x, torch.tensor(labels), np.array(groups)
 
 
+def eval_right(net: Backbone, x: Tensor, y: Tensor) -> Tensor:
+    """Which of the uint8 images ``x`` the net gets right in eval mode (its mode restored)."""
+    training = net.training
+    net.eval()
+    with torch.no_grad():
+        _, probs = embed_patches(net, x, chunk_size=len(x))
+    net.train(training)
+    return probs.argmax(1) == y
+
+
 class FitHistory(pl.Callback):
     """Records the epoch's training loss and eval-mode accuracy; stops once the data is fit.
 
@@ -79,7 +84,7 @@ class FitHistory(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
-        right = pl_module.predict_proba(self.x).argmax(1) == self.y
+        right = eval_right(pl_module.net, self.x, self.y)
         self.accuracies.append(right.float().mean().item())
         if self.accuracies[-1] == 1.0 and self.losses[-1] < self.loss_ratio * self.losses[0]:
             trainer.should_stop = True
@@ -118,7 +123,7 @@ def test_patch_model_overfits_real_patches(
         callbacks=[history],
     )
     trainer.fit(model, train_dataloaders=loader)
-    losses, accuracy = history.losses, model.predict_proba(x).argmax(1) == y
+    losses, accuracy = history.losses, eval_right(model.net, x, y)
     print(
         f"\noverfit: train/loss {losses[0]:.3f} -> {losses[-1]:.5f} in {len(losses)} epochs, "
         f"eval accuracy {history.accuracies[0]:.3f} -> {accuracy.float().mean():.3f}, "

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -102,18 +101,6 @@ def test_render_image(label: int) -> None:
 def test_bad_label() -> None:
     with pytest.raises(ValueError, match="label"):
         render_image(4, 64, 64, np.random.default_rng(0))
-
-
-def test_render_speed() -> None:
-    render_image(0, 512, 384, np.random.default_rng(0))  # warm-up (cv2 and numpy caches)
-    for label in range(len(CLASSES)):
-        assert min(_time_render(label) for _ in range(2)) < 0.2
-
-
-def _time_render(label: int) -> float:
-    start = time.perf_counter()
-    render_image(label, 512, 384, np.random.default_rng(label))
-    return time.perf_counter() - start
 
 
 def test_od_lies_in_the_stain_plane() -> None:

@@ -10,6 +10,7 @@ random init.
 
 import os
 import socket
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,9 +209,11 @@ class Backbone(nn.Module):
     Attributes:
         feature_dim: width of ``forward_features``.
         input_size: square input side the ImageNet weights were evaluated at.
+        min_size: smallest input side the architecture takes (torchvision's weights metadata).
         mean, std: per-channel normalisation of the ImageNet weights (for ``normalize``).
         has_aux: whether ``forward`` returns ``(logits, aux_logits)`` in training
             (Inception-V3, until ``drop_aux``).
+        pretrained: whether ``load_pretrained`` loaded weights (not a random init).
     """
 
     def __init__(
@@ -228,6 +231,8 @@ class Backbone(nn.Module):
         self.freeze_bn = freeze_bn
         self.feature_dim = spec.feature_dim
         self.input_size: int = data["input_size"]
+        self.min_size: int = max(spec.weights.meta["min_size"])
+        self.pretrained = False
         self.mean: tuple[float, ...] = data["mean"]
         self.std: tuple[float, ...] = data["std"]
         self.has_aux = "AuxLogits.fc" in spec.head_layers
@@ -243,6 +248,26 @@ class Backbone(nn.Module):
         for p in self._early_parameters():
             p.requires_grad_(False)
         self.train()
+
+    def check_input_size(self, size: int) -> None:
+        """Fail on patches too small for the architecture, before any long work; warn when
+        pretrained weights get another size than they learnt at (a from-scratch net has none).
+
+        Args:
+            size: the side of the square patches, ``data.patch_size``.
+        """
+        if size < self.min_size:
+            raise ValueError(
+                f"data.patch_size={size} is below the {self.min_size} px that {self.name} "
+                f"takes: use data.patch_size={self.input_size} (what its ImageNet weights saw)"
+            )
+        if self.pretrained and size != self.input_size:
+            warnings.warn(
+                f"data.patch_size={size} differs from the {self.input_size} px that "
+                f"{self.name}'s pretrained weights learnt at, so tissue reaches them at another "
+                f"scale (data.patch_size={self.input_size} matches)",
+                stacklevel=2,
+            )
 
     @property
     def spec(self) -> BackboneSpec:
@@ -357,6 +382,7 @@ class Backbone(nn.Module):
             )
             raise ValueError(f"weights {source} do not fit torchvision {self.name}: {found}")
         self.model.load_state_dict(state, strict=False)
+        self.pretrained = True
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

@@ -29,7 +29,7 @@ class ImageClassifier(ClassifierModule):
     Automatic optimisation stays on, so trainer settings such as gradient clipping still apply.
 
     Args:
-        aggregator: the image model proper (``build_aggregator``).
+        aggregator: the image model proper (``breastnet.models.aggregators``).
         optimizer: partial optimizer, completed with the trainable parameters; only needed
             when there is something to train.
         scheduler: partial LR scheduler, as in ``PatchClassifier``; stepped per epoch.

@@ -1,10 +1,9 @@
 """The patch-level LightningModule: fine-tunes a backbone on patches labelled by their image.
 
-Its pooled features (``extract_features``, ``predict_step``) feed the image-level aggregator.
+Its features and probabilities for the image model come from ``models.embedding``.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,8 +23,7 @@ class PatchClassifier(ClassifierModule):
     """Cross-entropy fine-tuning of a ``Backbone`` on dict batches of uint8 patches.
 
     Batches are ``{"x": uint8 [B, 3, S, S], "y": int64 [B], ...}``; images are normalised here,
-    on the device. Public calls (``forward``, ``extract_features``, ``predict_proba``) take the
-    same uint8 (or 0..1 float) images.
+    on the device. ``forward`` takes the same uint8 (or 0..1 float) images.
 
     Args:
         net: the backbone (see ``breastnet.models.backbone.build_backbone``).
@@ -68,7 +66,11 @@ class PatchClassifier(ClassifierModule):
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
     def setup(self, stage: str) -> None:
-        """Compile the net's forward once, when asked."""
+        """Check the datamodule's ``patch_size`` against the backbone before fitting; compile
+        the net's forward once, when asked."""
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and datamodule is not None and "patch_size" in datamodule.hparams:
+            self.net.check_input_size(datamodule.hparams.patch_size)
         if self.hparams.compile:
             self.net.compile()
 
@@ -108,30 +110,3 @@ class PatchClassifier(ClassifierModule):
             )
             return None
         return super().training_step(batch, batch_idx)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Class probabilities and pooled features of a batch, with its other keys passed on."""
-        features = self.net.forward_features(self._prepare(batch["x"]))  # B x D
-        probs = self.net.forward_head(features).softmax(dim=1)  # B x num_classes
-        rest = {k: v for k, v in batch.items() if k != "x"}
-        return {"probs": probs, "features": features, **rest}
-
-    @contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        training = self.net.training
-        self.net.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.net.train(training)
-
-    def extract_features(self, x: Tensor) -> Tensor:
-        """Eval-mode pooled features of uint8 images: B x feature_dim (2048 for Inception-V3)."""
-        with self._evaluating():
-            return self.net.forward_features(self._prepare(x))
-
-    def predict_proba(self, x: Tensor) -> Tensor:
-        """Eval-mode class probabilities of uint8 images: B x num_classes."""
-        with self._evaluating():
-            return self.net(self._prepare(x)).softmax(dim=1)
