@@ -68,7 +68,21 @@ def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
     pngs = {p.name for p in report.glob("*.png")}
     assert {"confusion_matrix.png", "roc.png", "tsne.png", "patch_grid.png"} <= pngs
     assert len([p for p in pngs if p.startswith("heatmap_")]) == 2
-    assert "data:image/png;base64," in (report / "index.html").read_text()
+    page = (report / "index.html").read_text()
+    assert "data:image/png;base64," in page
+    # What was evaluated, and prepare's audit of it: distinct generated images, no leak.
+    split = saved["split"]
+    assert split["n_images"] == {"train": 8, "val": 4, "test": 4}
+    assert split["text"] == "grouped by image: 8 train / 4 val / 4 test images, 8/4/4 groups"
+    assert split["near_duplicates"] == 0 == metrics["eval/near_duplicates"]
+    train = json.loads((trained[1] / "work" / "splits" / f"{split['name']}.json").read_text())
+    audit = json.loads(
+        (trained[1] / "work" / "splits" / f"{split['name']}.audit.json").read_text()
+    )
+    closest = [m for m in audit["matches"] if m["side"] == "test"][:2]
+    assert all(m["train_id"] in train["train"] for m in closest)
+    assert "audit_pairs.png" in pngs and "Closest training images" in page
+    assert split["text"] in page
 
 
 def test_predict_on_raw_files_matches_evaluate(trained, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The report's PNG figures: confusion matrix, ROC, t-SNE, patch grid and per-image heatmaps.
+"""The report's PNG figures: confusion matrix, ROC, t-SNE, patch grid, per-image heatmaps
+and the closest train/test pairs of the leakage audit.
 
 Figures are drawn on bare ``matplotlib.figure.Figure`` objects (no pyplot), so no GUI backend
 or global figure state is involved and nothing stays open after a figure is saved. Numbers
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
 from breastnet.artifacts import atomic_write
+from breastnet.data.bach import read_rgb
 from breastnet.report.result import ImageResult
 
 DPI = 120
@@ -260,4 +262,29 @@ def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path
         ax.set_title("attention weight\n ")
         fig.colorbar(shown, ax=ax, shrink=0.8)
     fig.suptitle(_headline(r, classes))
+    return _save(fig, path)
+
+
+def plot_pairs(pairs: Sequence[dict], path: Path, size: int = 256) -> Path:
+    """Each evaluated image beside its most similar training image (``breastnet.audit``),
+    one pair per row, the cosine similarity in the title and near-duplicates in red."""
+    fig = Figure(figsize=(6, 3 * len(pairs)))
+    for row, pair in enumerate(pairs):
+        for col, (key, side) in enumerate((("image", pair["side"]), ("train", "train"))):
+            ax = fig.add_subplot(len(pairs), 2, 2 * row + col + 1)
+            image = read_rgb(pair[f"{key}_path"])[0]
+            step = max(1, max(image.shape[:2]) // size)
+            ax.imshow(image[::step, ::step])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            name = pair["image_id"] if key == "image" else pair["train_id"]
+            ax.set_title(f"{side}: {name}", fontsize=8)
+        flagged = pair["near_duplicates"] > 0
+        fig.axes[-1].set_title(
+            f"train: {pair['train_id']}\ncosine {pair['similarity']:.3f}"
+            + (" (near-duplicate)" if flagged else ""),
+            fontsize=8,
+            color="red" if flagged else "black",
+        )
+    fig.tight_layout()
     return _save(fig, path)

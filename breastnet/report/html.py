@@ -116,6 +116,19 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
     return f"<h2>Metrics</h2>{summary}<h3>Per class</h3>{per_class}"
 
 
+def _split_html(split: dict) -> str:
+    """One paragraph: the split, its grouping and the near-duplicates that cross it."""
+    text = f"<p><b>Split</b> {_esc(split.get('name', ''))}: {_esc(split['text'])}."
+    if split.get("near_duplicates") is not None:
+        n = split["near_duplicates"]
+        style = ' class="error"' if n else ""
+        text += (
+            f" <span{style}>{n} evaluated image(s) with a near-duplicate among the training "
+            f"images</span> (thumbnail cosine &ge; {split['threshold']:g})."
+        )
+    return text + "</p>"
+
+
 def _predictions_html(results: list[ImageResult], classes: Sequence[str]) -> str:
     rows = [
         [
@@ -139,9 +152,11 @@ def render_html(
     heatmaps: dict[str, Path],
     misclassified: list[ImageResult],
     classes: Sequence[str],
+    split: dict | None = None,
 ) -> str:
-    """The page: metrics, figures, misclassified images with their heatmaps, predictions and
-    failed files; ``figures`` and ``heatmaps`` are PNG paths, inlined as data URLs."""
+    """The page: what was evaluated, metrics, figures, misclassified images with their
+    heatmaps, the closest train/test pairs, predictions and failed files; ``figures`` and
+    ``heatmaps`` are PNG paths, inlined as data URLs."""
     failed = [r for r in results if r.failed]
     parts = [
         f"<h1>{_esc(title)}</h1>",
@@ -149,6 +164,8 @@ def render_html(
         + ('<a href="metrics.json">metrics.json</a>, ' if metrics is not None else "")
         + '<a href="predictions.csv">predictions.csv</a>.</p>',
     ]
+    if split is not None:
+        parts.append(_split_html(split))
     if metrics is not None:
         parts.append(_metrics_html(metrics, classes))
     else:
@@ -186,6 +203,15 @@ def render_html(
             )
         else:
             parts.append("<p>None.</p>")
+    if "audit_pairs" in figures:
+        parts.append(
+            "<h2>Closest training images</h2>"
+            + _img(
+                figures["audit_pairs"],
+                "Each evaluated image beside its most similar training image (thumbnail "
+                "cosine; near-duplicates in red): near-twins across the split inflate accuracy.",
+            )
+        )
     wrong = {r.image_id for r in misclassified}
     others = [(i, p) for i, p in heatmaps.items() if i not in wrong]
     if others:

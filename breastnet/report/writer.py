@@ -15,6 +15,7 @@ from breastnet.report.figures import (
     TileCache,
     plot_confusion,
     plot_heatmap,
+    plot_pairs,
     plot_patch_grid,
     plot_roc,
     plot_tsne,
@@ -85,6 +86,7 @@ def write_report(
     min_tissue: float = 0.05,
     n_examples: int = 4,
     seed: int = 0,
+    split: dict | None = None,
 ) -> Report:
     """Write metrics.json (when labelled), predictions.csv, PNG figures and index.html.
 
@@ -98,6 +100,9 @@ def write_report(
         min_tissue: patches with less tissue are left out of patch accuracy and t-SNE.
         n_examples: how many heatmaps to draw, misclassified images first.
         seed: for the t-SNE and its subsample.
+        split: what was evaluated (``breastnet.stages.evaluate``): ``text`` (sides, images
+            and source groups), counts, ``near_duplicates`` and the audit's closest ``pairs``
+            (with ``image_path``/``train_path``); kept in metrics.json and shown on the page.
     """
     out_dir = Path(out_dir)
     ok = [r for r in results if not r.failed]
@@ -111,6 +116,8 @@ def write_report(
         patch_labels, patch_preds = _patch_predictions(labelled, min_tissue)
         metrics = classification_metrics(labels, probs, patch_labels, patch_preds, classes)
         metrics |= {"n_errors": n_errors}
+        if split is not None:
+            metrics["split"] = {k: v for k, v in split.items() if k != "pairs"}
         curves = roc_curves(labels, probs)
         write_json(out_dir / "metrics.json", metrics)
     predictions_csv = out_dir / "predictions.csv"
@@ -123,6 +130,8 @@ def write_report(
         )
         if curves:
             figures["roc"] = plot_roc(curves, metrics, classes, out_dir / "roc.png")
+    if split is not None and split.get("pairs"):
+        figures["audit_pairs"] = plot_pairs(split["pairs"], out_dir / "audit_pairs.png")
     tsne = plot_tsne(ok, classes, min_tissue, seed, out_dir / "tsne.png")
     if tsne is not None:
         figures["tsne"] = tsne
@@ -146,7 +155,7 @@ def write_report(
             heatmaps[r.image_id] = plot_heatmap(r, tiles(r), classes, path)
             figures[f"heatmap/{r.image_id}"] = heatmaps[r.image_id]
 
-    page = render_html(title, results, metrics, figures, heatmaps, misclassified, classes)
+    page = render_html(title, results, metrics, figures, heatmaps, misclassified, classes, split)
     html_path = out_dir / "index.html"
     write_text(html_path, page)
     return Report(

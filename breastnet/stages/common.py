@@ -83,7 +83,10 @@ def summary_metrics(report: Report, prefix: str) -> dict[str, float]:
     if report.metrics is None:
         return {}
     keys = ("image_accuracy", "patch_accuracy", "macro_auc", "n_images")
-    return {f"{prefix}/{k}": report.metrics[k] for k in keys if report.metrics[k] is not None}
+    out = {f"{prefix}/{k}": report.metrics[k] for k in keys if report.metrics[k] is not None}
+    if (duplicates := report.metrics.get("split", {}).get("near_duplicates")) is not None:
+        out[f"{prefix}/near_duplicates"] = duplicates
+    return out
 
 
 def publish_report(
@@ -95,9 +98,11 @@ def publish_report(
     min_tissue: float,
     prefix: str,
     parts: Path,
+    split: dict | None = None,
 ) -> tuple[Report, dict[str, float]]:
-    """Write the report of evaluate or predict, drop the per-image ``parts`` it was made
-    from, log it (W&B); returns it and its headline metrics under ``prefix``."""
+    """Write the report of evaluate or predict (``split``: what evaluate scored, see
+    ``write_report``), drop the per-image ``parts`` it was made from, log it (W&B); returns
+    it and its headline metrics under ``prefix``."""
     report = write_report(
         out_dir,
         results,
@@ -106,6 +111,7 @@ def publish_report(
         min_tissue=min_tissue,
         n_examples=cfg.evaluate.examples,
         seed=cfg.seed,
+        split=split,
     )
     shutil.rmtree(parts, ignore_errors=True)
     log_report(cfg, report, results, prefix)

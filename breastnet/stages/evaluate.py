@@ -6,6 +6,7 @@ keys), ``predictions.csv``, the PNGs and ``index.html``; with ``logger=wandb`` t
 the W&B run.
 """
 
+import json
 import logging
 
 import numpy as np
@@ -15,7 +16,8 @@ from omegaconf import DictConfig
 
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.datasets import FeatureDataset
-from breastnet.data.splits import SIDES
+from breastnet.data.groups import resolve_groups
+from breastnet.data.splits import SIDES, split_summary
 from breastnet.distributed import on_rank_zero
 from breastnet.inference import image_embedder, image_result, load_image_model
 from breastnet.lineage import Lineage
@@ -50,6 +52,34 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return on_rank_zero(lambda: _report(cfg, datamodule, outputs, out)) or {}
 
 
+def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[str]) -> dict:
+    """What a reader needs to trust the numbers: the split's sides and source groups, and
+    from prepare's audit the near-duplicates among the ``evaluated`` images and their
+    closest training images (``evaluate.examples`` pairs)."""
+    spec = cfg.data.groups
+    groups = (
+        resolve_groups(datamodule.entries, spec, datamodule.data_dir, cfg.data.labels_csv)
+        if spec is not None
+        else None
+    )
+    facts = split_summary(datamodule.split, groups, spec) | {"name": datamodule.split_path.stem}
+    audit = datamodule.split_path.with_suffix(".audit.json")
+    if not audit.is_file():  # audit.enabled=false
+        return facts
+    saved = json.loads(audit.read_text())
+    matches = [m for m in saved["matches"] if m["image_id"] in evaluated]
+    paths = {e.image_id: e.path for e in datamodule.entries}
+    pairs = [
+        m | {"image_path": paths[m["image_id"]], "train_path": paths[m["train_id"]]}
+        for m in matches[: cfg.evaluate.examples]
+    ]
+    return facts | {
+        "near_duplicates": sum(m["near_duplicates"] > 0 for m in matches),
+        "threshold": saved["threshold"],
+        "pairs": pairs,
+    }
+
+
 def _report(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out) -> dict:
     entries = {e.image_id: e for e in datamodule.entries}
     results = []
@@ -72,6 +102,7 @@ def _report(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out) -
         datamodule.hparams.min_tissue,
         "eval",
         out / ".parts",
+        split_facts(cfg, datamodule, set(outputs)),
     )
     if report.metrics is not None:
         print(f"image accuracy on the {split} split: {report.metrics['image_accuracy']:.3f}")
