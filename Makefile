@@ -46,7 +46,7 @@ format: install ## ruff fix + format
 	$(VENV)/bin/ruff format .
 
 $(DEMO_DATA): | install
-	$(PY) -m breastnet.data.synthetic $(DEMO_DATA)
+	$(PY) -m breastnet.synthetic $(DEMO_DATA)
 
 demo: install $(DEMO_DATA) ## whole pipeline on generated demo data, CPU
 	$(RUN) experiment=demo data.data_dir=$(DEMO_DATA) $(ARGS)

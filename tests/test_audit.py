@@ -12,7 +12,7 @@ from PIL import Image
 
 from breastnet.audit import THRESHOLDS, audit, crossing_pairs, load_descriptors, main
 from breastnet.data.bach import find_images, read_rgb
-from breastnet.data.synthetic import write_synthetic_dataset
+from breastnet.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from breastnet.cli import run_stages
-from breastnet.data.synthetic import write_synthetic_dataset
+from breastnet.synthetic import write_synthetic_dataset
 
 from conftest import ROOT, compose_config
 

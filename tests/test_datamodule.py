@@ -14,7 +14,7 @@ from breastnet.data import store
 from breastnet.data.bach import read_index
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.sampling import EpochShuffle
-from breastnet.data.synthetic import write_synthetic_dataset
+from breastnet.synthetic import write_synthetic_dataset
 
 STAIN = {"method": "macenko", "reference": "auto", "solver": "lstsq"}
 STAIN |= {"luminosity_threshold": 0.8, "angular_percentile": 99}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from breastnet.data.synthetic import write_synthetic_dataset
+from breastnet.synthetic import write_synthetic_dataset
 
 from conftest import ROOT
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from breastnet.cli import run_stages
-from breastnet.data.synthetic import write_synthetic_dataset
 from breastnet.lineage import Lineage
+from breastnet.synthetic import write_synthetic_dataset
 
 from conftest import compose_config
 

@@ -12,7 +12,7 @@ import pytest
 
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError
-from breastnet.data.synthetic import write_synthetic_dataset
+from breastnet.synthetic import write_synthetic_dataset
 
 from conftest import SMALL_RUN, compose_config
 

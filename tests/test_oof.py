@@ -47,7 +47,7 @@ OOF = [
 def test_oof_training_features_come_from_models_that_never_saw_the_image(
     tmp_path: Path,
 ) -> None:
-    from breastnet.data.synthetic import write_synthetic_dataset
+    from breastnet.synthetic import write_synthetic_dataset
 
     demo = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=5)
     cfg = compose_config(tmp_path, *OOF, f"data.data_dir={demo}")

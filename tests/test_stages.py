@@ -9,11 +9,11 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from breastnet.cli import run_stages
-from breastnet.data.synthetic import write_synthetic_dataset
 from breastnet.inference import load_image_model, load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import embed_patches
 from breastnet.stages import common
+from breastnet.synthetic import write_synthetic_dataset
 from breastnet.trainer import EpochSeed
 
 from conftest import SMALL_RUN, compose_config

@@ -14,15 +14,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from breastnet import CLASSES
-from breastnet.data.synthetic import (
-    PREFIXES,
-    STAIN_REF,
-    image_rng,
-    main,
-    render_image,
-    render_with_stain,
-    write_synthetic_dataset,
-)
+from breastnet.synthetic.dataset import PREFIXES, image_rng, main, write_synthetic_dataset
+from breastnet.synthetic.render import STAIN_REF, render_image, render_with_stain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +168,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_module_entry_point(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "breastnet.data.synthetic", str(tmp_path), "--n-per-class", "1"]
+    cmd = [sys.executable, "-m", "breastnet.synthetic", str(tmp_path), "--n-per-class", "1"]
     cmd += ["--width", "64", "--height", "48", "--ext", "jpeg"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert "4 synthetic 64x48 .jpeg images" in done.stdout

@@ -1,48 +1,17 @@
-"""Generated H&E-like microscopy images in BACH layout, for the demo and the tests.
+"""Tissue of each class drawn as stain concentrations: textures, nuclei, glands, layouts.
 
-Real BACH images may not ship with the repository (CC BY-NC-ND), yet the demo and the tests
-should go through the same ingest code as real data. The images drawn here show their class
-in tissue structure (glands, lumens, nuclei), rendered through a Beer-Lambert H&E stain model
-with per-image stain variation, so that stain normalisation and the patch CNN both have real
-work to do. Structures have a fixed size in pixels, as at a fixed magnification, and are
-spread over the whole image, so the class shows in any 1/12 tile of a 512x384 image.
-
-    python -m breastnet.data.synthetic data/demo --n-per-class 12
+Structures have a fixed size in pixels, as at a fixed magnification, and are spread over the
+whole image, so the class shows in any 1/12 tile of a 512x384 image. ``render`` turns a
+layout into RGB through the stain model.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 from numpy.typing import ArrayLike
-from PIL import Image
-
-from breastnet import CLASSES
-
-#: BACH file-name prefixes, in ``CLASSES`` order (``Normal/n000.tif``, ``InSitu/is000.tif``).
-PREFIXES: tuple[str, ...] = ("n", "b", "is", "iv")
-#: Reference optical-density vectors of haematoxylin and eosin (rows), Ruifrok & Johnston's.
-STAIN_REF = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
-STAIN_REF = STAIN_REF / np.linalg.norm(STAIN_REF, axis=1, keepdims=True)
-FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "tif": "TIFF", "tiff": "TIFF"}
-
-
-class Rendered(NamedTuple):
-    """One rendered image with the stain it was rendered with (ground truth for stain tests).
-
-    Attributes:
-        image: uint8 [H, W, 3] RGB.
-        stain: float [2, 3] unit optical-density vectors, rows haematoxylin and eosin.
-    """
-
-    image: np.ndarray
-    stain: np.ndarray
-
 
 # --------------------------------------------------------------------------- textures
 
@@ -57,7 +26,7 @@ def _value_noise(h: int, w: int, cell: float, rng: np.random.Generator) -> np.nd
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
-def _fine_noise(h: int, w: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def fine_noise(h: int, w: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Blurred white noise (grain, chromatin), zero mean and unit std."""
     out = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), sigma)
     return (out - out.mean()) / (out.std() + 1e-6)
@@ -174,7 +143,7 @@ class _Nuclei:
         return canvas.astype(np.float32) / 100
 
 
-def _ellipse_mask(h: int, w: int, glands: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+def ellipse_mask(h: int, w: int, glands: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
     """Filled ellipses for glands [N, 5] = (x, y, r, aspect, angle), radii times ``scale``."""
     mask = np.zeros((h, w), np.uint8)
     scale = np.broadcast_to(scale, (len(glands),))
@@ -380,161 +349,5 @@ def _invasive(h: int, w: int, rng: np.random.Generator) -> _Layout:
     return _Layout(tissue, nuclei, cells=True)
 
 
-# --------------------------------------------------------------------------- rendering
-
-
-def sample_stain(rng: np.random.Generator) -> np.ndarray:
-    """Per-image H and E optical-density vectors, jittered around ``STAIN_REF`` and unit length.
-
-    Staining differs between labs, batches and scanners; jittering the vectors is what makes
-    stain normalisation necessary on these images.
-    """
-    stain = np.abs(STAIN_REF + np.clip(rng.normal(0, 0.09, STAIN_REF.shape), -0.2, 0.2))
-    return stain / np.linalg.norm(stain, axis=1, keepdims=True)
-
-
-def render_with_stain(label: int, width: int, height: int, rng: np.random.Generator) -> Rendered:
-    """Render one image of class ``label`` and return it with its true stain vectors."""
-    if label not in range(len(CLASSES)):
-        raise ValueError(f"label must be in 0..{len(CLASSES) - 1}, got {label}")
-    h, w = height, width
-    stain = sample_stain(rng)
-    layout = (_normal, _benign, _insitu, _invasive)[label](h, w, rng)
-    hm, em, nuclei = layout.tissue.h, layout.tissue.e, layout.nuclei
-    # Epithelium: purple-pink cytoplasm over the whole gland, white lumen inside.
-    if len(layout.glands):
-        epi = _ellipse_mask(h, w, layout.glands, 1.0)
-        lumen = _ellipse_mask(h, w, layout.glands, layout.lumen_rel)
-        if len(layout.holes):
-            lumen = np.maximum(lumen, _ellipse_mask(h, w, layout.holes, 1.0))
-        cyto_e, cyto_h = rng.uniform(0.22, 0.32), rng.uniform(0.1, 0.16)
-        em = em * (1 - epi) + epi * (cyto_e * (1 - lumen) + 0.03 * lumen)
-        hm = hm * (1 - epi) + epi * (cyto_h * (1 - lumen) + 0.01 * lumen)
-    else:
-        lumen = np.zeros((h, w), np.float32)
-    if layout.cells:  # tumour-cell cytoplasm around each nucleus
-        cyto = cv2.GaussianBlur((nuclei.draw(h, w, scale=1.9) > 0).astype(np.float32), (0, 0), 1)
-        em = em * (1 - cyto) + cyto * 0.3
-        hm = hm * (1 - cyto) + cyto * 0.13
-    nuc = nuclei.draw(h, w) * (1 - lumen)
-    chromatin = 1 + 0.22 * _fine_noise(h, w, 0.8, rng)
-    hm = np.maximum(hm, nuc * chromatin * rng.uniform(0.9, 1.2))
-    # Optics: slight defocus, grain in concentration, per-image stain intensity.
-    grain = _fine_noise(h, w, 0.6, rng)
-    hm = cv2.GaussianBlur(hm, (0, 0), 0.7) * (1 + 0.05 * grain)
-    em = cv2.GaussianBlur(em, (0, 0), 0.7) * (1 + 0.05 * grain)
-    gain = rng.uniform(0.85, 1.15)
-    hm = np.clip(hm * gain * rng.uniform(0.75, 1.25), 0, None) + 0.01
-    em = np.clip(em * gain * rng.uniform(0.75, 1.25), 0, None) + 0.02
-    od = hm[..., None] * stain[0].astype(np.float32) + em[..., None] * stain[1].astype(np.float32)
-    od += rng.normal(0, 0.006, od.shape).astype(np.float32)
-    rgb = 255 * np.exp(-np.clip(od, 0, None))
-    return Rendered(np.clip(np.round(rgb), 0, 255).astype(np.uint8), stain)
-
-
-def render_image(label: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one H&E-like uint8 [height, width, 3] RGB image of class ``label``."""
-    return render_with_stain(label, width, height, rng).image
-
-
-# --------------------------------------------------------------------------- dataset
-
-
-def image_rng(seed: int, label: int, index: int) -> np.random.Generator:
-    """The generator of one file, so each image depends only on (seed, class, index)."""
-    return np.random.default_rng([seed, label, index])
-
-
-def _save_atomic(image: np.ndarray, path: Path, fmt: str) -> None:
-    """Write to a temporary name beside ``path`` then rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(image).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-README = """\
-Generated data: NOT real microscopy.
-
-Synthetic H&E-like images written by breastnet.data.synthetic (first run: seed {seed},
-{n} per class, {width}x{height}), in the BACH layout: one folder per class, the folder
-name is the label. They exist so the demo and the tests run the same ingest code as real
-BACH data; any accuracy measured on them says nothing about real tissue.
-"""
-
-
-def _write(
-    out_dir: Path, n_per_class: int, width: int, height: int, seed: int, ext: str
-) -> dict[str, tuple[int, int]]:
-    """Write missing images; return {class: (written, skipped)}."""
-    ext = ext.lower().lstrip(".")
-    if ext not in FORMATS:
-        raise ValueError(f"ext must be one of {sorted(FORMATS)}, got {ext!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for label, (name, prefix) in enumerate(zip(CLASSES, PREFIXES, strict=True)):
-        folder = out_dir / name
-        folder.mkdir(exist_ok=True)
-        written = skipped = 0
-        for i in range(n_per_class):
-            path = folder / f"{prefix}{i:03d}.{ext}"
-            if path.exists():
-                skipped += 1
-                continue
-            image = render_image(label, width, height, image_rng(seed, label, i))
-            _save_atomic(image, path, FORMATS[ext])
-            written += 1
-        counts[name] = (written, skipped)
-    readme = out_dir / "README.txt"
-    if not readme.exists():
-        text = README.format(seed=seed, n=n_per_class, width=width, height=height)
-        tmp = readme.with_name(f".README.txt.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, readme)
-    return counts
-
-
-def write_synthetic_dataset(
-    out_dir: str | Path,
-    n_per_class: int = 12,
-    width: int = 512,
-    height: int = 384,
-    seed: int = 0,
-    ext: str = "png",
-) -> Path:
-    """Write ``out_dir/<Class>/<prefix><NNN>.<ext>`` images, skipping files already there.
-
-    Each image depends only on (seed, class, index): the same seed gives byte-identical
-    files, and a larger ``n_per_class`` only adds files.
-
-    Returns:
-        ``out_dir`` as a Path.
-    """
-    out_dir = Path(out_dir)
-    _write(out_dir, n_per_class, width, height, seed, ext)
-    return out_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI: write a synthetic dataset and say what was written."""
-    parser = argparse.ArgumentParser(
-        prog="python -m breastnet.data.synthetic", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("out_dir", type=Path, help="folder to write Normal/ Benign/ ... into")
-    parser.add_argument("--n-per-class", type=int, default=12)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=384)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ext", default="png", choices=sorted(FORMATS))
-    args = parser.parse_args(argv)
-    counts = _write(args.out_dir, args.n_per_class, args.width, args.height, args.seed, args.ext)
-    for name, (written, skipped) in counts.items():
-        print(f"{args.out_dir / name}: wrote {written}, kept {skipped} existing")
-    total = sum(c[0] for c in counts.values())
-    print(f"{total} synthetic {args.width}x{args.height} .{args.ext} images in {args.out_dir}")
-
-
-if __name__ == "__main__":
-    main()
+#: The layout of each class, in ``CLASSES`` order.
+LAYOUTS = (_normal, _benign, _insitu, _invasive)

@@ -1,0 +1,3 @@
+from breastnet.synthetic.dataset import main
+
+main()
