@@ -1,6 +1,9 @@
 """Backbones: shapes, the aux head, weight files, offline ImageNet, frozen BatchNorm, gradients."""
 
+import io
 import socket
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -10,12 +13,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models as tvm
 
-from breastnet.models.backbone import (
-    BACKBONES,
-    DOWNLOAD_TIMEOUT_S,
-    build_backbone,
-    resolve_data_config,
-)
+from breastnet.models import weights
+from breastnet.models.backbone import build_backbone
+from breastnet.models.registry import BACKBONES, resolve_data_config
 
 from conftest import SHARED_MOBILENET
 
@@ -170,23 +170,34 @@ def test_mismatching_file_names_file_and_keys(tmp_path: Path) -> None:
 def test_imagenet_offline_fails_fast_with_the_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A network that does not answer cuts the fetch at the socket timeout; no file is left."""
+    """A network that does not answer cuts the fetch at the download's own timeout (the
+    process's socket default is left alone); the error says where to put the file."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     timeouts = []
 
-    def offline(*args: object, **kwargs: object) -> None:
-        timeouts.append(socket.getdefaulttimeout())  # what a connection would get
-        raise socket.gaierror(-2, "Name or service not known")
+    def offline(url: str, timeout: float) -> None:
+        timeouts.append(timeout)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
-    monkeypatch.setattr(socket, "getaddrinfo", offline)  # offline even where there is a network
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     before = socket.getdefaulttimeout()
     with pytest.raises(RuntimeError) as err:
         build_backbone("mobilenet_v2", weights="imagenet")
-    assert timeouts == [DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() == before
+    assert timeouts == [weights.DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() == before
     expected = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     assert str(expected) in str(err.value)
     assert "weights=/path/to/state_dict.pth" in str(err.value)
     assert not expected.exists()
+
+
+def test_a_download_that_does_not_match_its_checksum_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not it"))
+    with pytest.raises(RuntimeError, match="sha256 prefix b0353104"):
+        build_backbone("mobilenet_v2", weights="imagenet")
+    assert not list((tmp_path / "hub" / "checkpoints").glob("*.pth"))
 
 
 def test_imagenet_from_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
