@@ -9,7 +9,7 @@ from breastnet.cli import run_stages
 from breastnet.lineage import Lineage
 from breastnet.synthetic import write_synthetic_dataset
 
-from conftest import compose_config
+from conftest import SMALL_RUN, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,16 +18,11 @@ def test_debug_runs_every_stage_on_two_batches(tmp_path: Path) -> None:
     demo = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=5)
     cfg = compose_config(
         tmp_path,
-        "experiment=demo",
+        *(o for o in SMALL_RUN if not o.startswith("trainer.max_epochs")),  # debug's own: 1
         "debug=default",
         f"data.data_dir={demo}",
-        "data.tile_size=64",
-        "data.stride=64",
-        "data.patch_size=32",
         "data.batch_size=4",
         "image.batch_size=2",  # 8 training images: 4 batches, of which debug runs 2
-        "data.split=[0.5,0.25,0.25]",
-        "logger=none",
     )
     metrics = run_stages(cfg)
     lineage = Lineage(cfg)

@@ -17,29 +17,17 @@ from breastnet.inference import load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import embed_patches
 
-from conftest import compose_config
+from conftest import SMALL_RUN, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OOF = [
-    "experiment=demo",
-    "data.tile_size=64",
-    "data.stride=64",
-    "data.patch_size=32",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "data.prepare_workers=0",
-    "data.split=[0.5,0.25,0.25]",
-    "patch_model=mobilenet_v2",
-    "patch_model.net.weights=none",
-    "trainer=cpu",
+    *SMALL_RUN,
     "trainer.max_epochs=1",
-    "+trainer.enable_progress_bar=false",
     "image_model=mean_features",
     "image.max_epochs=2",
     "image.train_features=oof",
     "image.oof_folds=2",
-    "logger=none",
     "stages=[prepare,patch,features,image]",
 ]
 
