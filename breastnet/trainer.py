@@ -54,7 +54,8 @@ class LogConfig(pl.Callback):
 
 
 class ProgressLog(pl.Callback):
-    """A plain log line per epoch, and every tenth of a prediction run.
+    """A plain log line per epoch, and every tenth of a prediction run; ``name`` is the
+    stage, which a model's logged metrics start with.
 
     The progress bar draws only on a terminal: in a log redirected to a file (SLURM, nohup)
     these lines are what shows a run is alive.
@@ -68,11 +69,12 @@ class ProgressLog(pl.Callback):
         self.start = time.monotonic()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        shown = ("train/loss", "train/acc", "val/loss", "val/acc")
+        logged = trainer.callback_metrics
+        shown = ("train_loss", "train_acc", "val_loss", "val_acc")
         values = ", ".join(
-            f"{k} {float(trainer.callback_metrics[k]):.4f}"
+            f"{k} {float(logged[f'{self.name}/{k}']):.4f}"
             for k in shown
-            if k in trainer.callback_metrics
+            if f"{self.name}/{k}" in logged
         )
         rank_zero_info(
             f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {values} "

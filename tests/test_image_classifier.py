@@ -65,9 +65,8 @@ def test_fast_dev_run_fit_and_predict() -> None:
     trainer.fit(model, train_dataloaders=data, val_dataloaders=data)
     after = model.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before)
-    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best"} <= set(
-        trainer.callback_metrics
-    )
+    logged = {"train_loss", "train_acc", "val_loss", "val_acc", "val_acc_best", "val_select"}
+    assert {f"image/{k}" for k in logged} <= set(trainer.callback_metrics)
 
     (out,) = trainer.predict(model, data)  # fast_dev_run: one batch
     assert out["probs"].shape == (4, C) and out["attention"] is None
@@ -93,13 +92,13 @@ def test_vote_fits_as_a_no_op_and_logs_metrics() -> None:
     trainer = pl.Trainer(max_epochs=1, **TRAINER)
     with pytest.warns(UserWarning, match="no optimizer"):
         trainer.fit(model, train_dataloaders=data, val_dataloaders=data)
-    assert trainer.callback_metrics["train/acc"] == pytest.approx(0.75)
+    assert trainer.callback_metrics["image/train_acc"] == pytest.approx(0.75)
     (logged,) = trainer.validate(model, data)
-    assert logged["val/acc"] == pytest.approx(0.75)
-    assert logged["val/acc_best"] == pytest.approx(0.75)
-    assert logged["val/recall_Normal"] == 1.0 and logged["val/recall_Invasive"] == 0.0
+    assert logged["image/val_acc"] == pytest.approx(0.75)
+    assert logged["image/val_acc_best"] == pytest.approx(0.75)
+    assert logged["image/val_recall_Normal"] == 1.0 and logged["image/val_recall_Invasive"] == 0.0
     (tested,) = trainer.test(model, data)
-    assert tested["test/acc"] == pytest.approx(0.75)
+    assert tested["image/test_acc"] == pytest.approx(0.75)
 
 
 def end_to_end(name: str) -> ImageClassifier:

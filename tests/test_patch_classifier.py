@@ -78,10 +78,10 @@ def test_val_acc_is_micro_not_balanced(monkeypatch: pytest.MonkeyPatch) -> None:
     x[:, 0, 0, 0] = preds.to(torch.uint8)
     data = [{"x": xi, "y": yi} for xi, yi in zip(x, y, strict=True)]
     (logged,) = pl.Trainer(**TRAINER).validate(model, DataLoader(data, batch_size=3))
-    assert logged["val/acc"] == pytest.approx(0.75)
-    assert logged["val/acc_best"] == pytest.approx(0.75)
-    assert logged["val/recall_Normal"] == pytest.approx(1.0)
-    assert logged["val/recall_Benign"] == pytest.approx(0.0)
+    assert logged["patch/val_acc"] == pytest.approx(0.75)
+    assert logged["patch/val_acc_best"] == pytest.approx(0.75)
+    assert logged["patch/val_recall_Normal"] == pytest.approx(1.0)
+    assert logged["patch/val_recall_Benign"] == pytest.approx(0.0)
 
 
 def test_fast_dev_run_fit() -> None:
@@ -93,7 +93,9 @@ def test_fast_dev_run_fit() -> None:
     after = model.net.state_dict()
     assert not torch.equal(before["model.features.0.0.weight"], after["model.features.0.0.weight"])
     assert not torch.equal(before["model.classifier.1.weight"], after["model.classifier.1.weight"])
-    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    assert {"patch/train_loss", "patch/train_acc", "patch/val_loss", "patch/val_acc"} <= set(
+        trainer.callback_metrics
+    )
 
 
 def test_channels_last_gives_the_same_logits() -> None:

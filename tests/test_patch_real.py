@@ -83,7 +83,7 @@ class FitHistory(pl.Callback):
         self.accuracies: list[float] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        self.losses.append(float(trainer.callback_metrics["patch/train_loss"]))
         right = eval_right(pl_module.net, self.x, self.y)
         self.accuracies.append(right.float().mean().item())
         if self.accuracies[-1] == 1.0 and self.losses[-1] < self.loss_ratio * self.losses[0]:

@@ -41,6 +41,8 @@ class ImageClassifier(ClassifierModule):
             the activations autograd keeps for backward). BatchNorm sees batches of this size.
     """
 
+    stage = "image"
+
     def __init__(
         self,
         aggregator: nn.Module,

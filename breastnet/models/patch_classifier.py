@@ -40,6 +40,8 @@ class PatchClassifier(ClassifierModule):
         compile: ``torch.compile`` the net's forward in place (checkpoint keys unchanged).
     """
 
+    stage = "patch"
+
     def __init__(
         self,
         net: Backbone,

@@ -31,13 +31,18 @@ def train_and_test(
     """Fit with ``best``/``last`` checkpoints in ``out_dir`` (resuming from ``last``, written
     every ``last_every_n_epochs``), test the best, and mark the stage done; returns
     ``<prefix>/val_acc_best`` and ``<prefix>/test_acc``.
+
+    ``best`` is the epoch of highest validation accuracy, the lowest validation loss among
+    equals (``<prefix>/val_select``, which early stopping watches too); ``prefix`` is the
+    model's ``stage``, which its logged metrics start with.
     """
+    select = f"{prefix}/val_select"
     # `save_last=True` writes last.ckpt only when `best` improves: a second callback keeps
     # last.ckpt at every epoch end, which resuming needs.
     best = ModelCheckpoint(
         dirpath=out_dir,
         filename="best",
-        monitor="val/acc",
+        monitor=select,
         mode="max",
         enable_version_counter=False,
     )
@@ -49,7 +54,7 @@ def train_and_test(
     )
     callbacks = [best, latest, EpochSeed(cfg.seed), ProgressLog(prefix)]
     if early_stopping_patience:
-        callbacks.append(EarlyStopping("val/acc", patience=early_stopping_patience, mode="max"))
+        callbacks.append(EarlyStopping(select, patience=early_stopping_patience, mode="max"))
     trainer = build_trainer(cfg, callbacks, **trainer_overrides)
     resume = out_dir / "last.ckpt"
     if resume.is_file():
@@ -61,15 +66,17 @@ def train_and_test(
         ckpt_path=resume if resume.is_file() else None,
         weights_only=False,
     )
-    # ddp_spawn brings back the best checkpoint's path but not its score.
-    score = best.best_model_score
-    score = trainer.callback_metrics["val/acc_best"] if score is None else score
+    # The best checkpoint's val accuracy (accuracy comes first in its selection), counted over
+    # the epochs before a resume too; ddp_spawn brings it back in the callback metrics only,
+    # and a fit resumed at its end validates nothing, leaving it in the restored model.
+    score = trainer.callback_metrics.get(f"{prefix}/val_acc_best")
+    score = model.val_acc_best.compute() if score is None else score
     tested = trainer.test(
         model, datamodule=datamodule, ckpt_path=best.best_model_path or None, weights_only=False
     )
     metrics = {
         f"{prefix}/val_acc_best": float(score),
-        f"{prefix}/test_acc": float(tested[0]["test/acc"]),
+        f"{prefix}/test_acc": float(tested[0][f"{prefix}/test_acc"]),
         # data.batch_size is the global batch: what each rank took of it
         f"{prefix}/batch_per_device": float(datamodule.batch_size_per_device),
     }
