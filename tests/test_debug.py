@@ -1,4 +1,5 @@
-"""``debug=default`` really makes a run small: one epoch of two batches for each model."""
+"""Run-shaping config groups: ``debug=default`` really makes a run small; ``callbacks=``
+adds callbacks to the training runs."""
 
 from pathlib import Path
 
@@ -30,3 +31,21 @@ def test_debug_runs_every_stage_on_two_batches(tmp_path: Path) -> None:
         checkpoint = torch.load(model / "best.ckpt", map_location="cpu", weights_only=False)
         assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 2), model
     assert metrics["eval/n_images"] == 4  # evaluate still scores the whole test split
+
+
+def test_callbacks_group_adds_its_callbacks_to_training(tmp_path: Path) -> None:
+    """``callbacks=lr_monitor``: the patch model's CSV log gets its learning rate per epoch."""
+    demo = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=5)
+    cfg = compose_config(
+        tmp_path,
+        *SMALL_RUN,
+        f"data.data_dir={demo}",
+        "callbacks=lr_monitor",
+        "logger=csv",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "stages=[prepare,patch]",
+    )
+    run_stages(cfg)
+    (log,) = (tmp_path / "run").rglob("metrics.csv")
+    header = log.read_text().splitlines()[0].split(",")
+    assert any(column.startswith("lr-") for column in header), header

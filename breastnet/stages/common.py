@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -53,6 +54,7 @@ def train_and_test(
         enable_version_counter=False,
     )
     callbacks = [best, latest, EpochSeed(cfg.seed), ProgressLog(prefix)]
+    callbacks += [instantiate(c) for c in cfg.get("callbacks", {}).values()]  # conf/callbacks
     if early_stopping_patience:
         callbacks.append(EarlyStopping(select, patience=early_stopping_patience, mode="max"))
     trainer = build_trainer(cfg, callbacks, **trainer_overrides)
