@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from breastnet import distributed, tracking
 from breastnet.artifacts import write_json
 from breastnet.errors import ConfigError, is_user_error
+from breastnet.quiet import quiet_known_noise
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class JobFailed(CompactHydraException):
 def main(cfg: DictConfig) -> float | None:
     """Entry point: metrics go to the run dir's metrics.json and, as
     ``cfg.optimized_metric``, to Hydra sweepers."""
+    quiet_known_noise(cfg)
     multirun = distributed.in_multirun()
     try:
         metrics = run_stages(cfg)

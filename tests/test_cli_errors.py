@@ -1,19 +1,21 @@
 """What a user sees when something is wrong: one message and exit status 1 for their mistakes,
-a traceback for bugs, make targets that name the make variable."""
+a traceback for bugs, make targets that name the make variable, no known library noise."""
 
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from breastnet.data.bach import DataError, build_index
+from breastnet.quiet import WandbLogger, quiet_known_noise
 
-from conftest import ROOT, tissue_like, write_image
+from conftest import ROOT, compose_config, tissue_like, write_image
 
 Cli = Callable[..., tuple[int, str]]
 
@@ -139,3 +141,65 @@ def test_make_names_the_make_variable_to_set(tmp_path: Path) -> None:
     assert "make predict: set INPUT=<image file or folder>" in no_input.stderr
     both = make("predict", "DATA=/data/BACH", "INPUT=/new", cwd=tmp_path)
     assert both.returncode == 0 and "predict.input=/new" in both.stdout
+
+
+def _shown(emit: Callable[[], None], freeze_bn: bool, tmp_path: Path) -> list[str]:
+    """The warnings ``emit`` shows once the CLI's filters are installed."""
+    cfg = compose_config(tmp_path, f"patch_model.net.freeze_bn={str(freeze_bn).lower()}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_noise(cfg)
+        emit()
+    return [str(w.message) for w in caught]
+
+
+def test_known_noise_is_filtered_and_nothing_else(tmp_path: Path) -> None:
+    from pytorch_lightning.utilities._pytree import _tree_flatten
+    from pytorch_lightning.utilities.warnings import PossibleUserWarning
+
+    def emit() -> None:
+        _tree_flatten(1)  # Lightning's own use of torch's deprecated LeafSpec
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1
+        )
+        for message, category, module in [
+            ("There is a wandb run already in progress", UserWarning, "loggers.wandb"),
+            (
+                "The number of training batches (2) is smaller than the logging interval",
+                PossibleUserWarning,
+                "loops.fit_loop",
+            ),
+            (
+                "Found 52 module(s) in eval mode at the start of training.",
+                PossibleUserWarning,
+                "loops.fit_loop",
+            ),
+        ]:
+            warnings.warn_explicit(message, category, "x.py", 1, f"pytorch_lightning.{module}")
+
+    # only the LeafSpec warning raised here (not by Lightning) and, without freeze_bn, the
+    # eval-mode one are left
+    assert _shown(emit, False, tmp_path) == [
+        "`isinstance(treespec, LeafSpec)` is deprecated",
+        "Found 52 module(s) in eval mode at the start of training.",
+    ]
+    assert _shown(emit, True, tmp_path) == ["`isinstance(treespec, LeafSpec)` is deprecated"]
+
+
+def test_litlogger_tip_is_dropped_other_lightning_lines_kept(tmp_path: Path) -> None:
+    quiet_known_noise(compose_config(tmp_path))
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+
+    def record(message: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.INFO, "x.py", 1, message, (), None)
+
+    assert not logger.filter(record("💡 Tip: For seamless cloud logging and ..."))
+    assert logger.filter(record("GPU available: False, used: False"))
+
+
+def test_wandb_logger_passes_no_anonymous_setting(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tmp_path, "logger=wandb")
+    logger = instantiate(cfg.logger, save_dir=str(tmp_path), mode="offline")
+    assert isinstance(logger, WandbLogger) and "anonymous" not in logger._wandb_init
