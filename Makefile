@@ -14,6 +14,10 @@ SWEEP_DIR := logs/sweeps/$(SEARCH)_$(STAMP)
 DATA_ARG := $(if $(DATA),data.data_dir=$(DATA),)
 DEMO_DATA ?= data/demo
 RUN := $(PY) -m breastnet
+# Stops a target that needs data when nothing names them (DATA, BREASTNET_DATA, ARGS,
+# conf/local/default.yaml) and the default data/BACH is absent: it would fail on the first stage.
+need_data = $(if $(DATA)$(BREASTNET_DATA)$(ARGS)$(wildcard data/BACH conf/local/default.yaml),,\
+	$(error make $@: set DATA=<BACH folder> (or ARGS=experiment=...); make demo runs on generated data))
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-all lint format demo prepare patch features image evaluate predict pipeline cv sweep bench clean
@@ -52,32 +56,43 @@ demo: install $(DEMO_DATA) ## whole pipeline on generated demo data, CPU
 	$(RUN) experiment=demo data.data_dir=$(DEMO_DATA) $(ARGS)
 
 prepare: install ## index, split, Macenko-normalise and tile into the cache
+	$(need_data)
 	$(RUN) 'stages=[prepare]' $(DATA_ARG) $(ARGS)
 
 patch: install ## fine-tune the patch CNN on the cached patches
+	$(need_data)
 	$(RUN) 'stages=[patch]' $(DATA_ARG) $(ARGS)
 
 features: install ## pooled features + probabilities of every patch (best patch checkpoint)
+	$(need_data)
 	$(RUN) 'stages=[features]' $(DATA_ARG) $(ARGS)
 
 image: install ## image model (BiLSTM by default) on the cached patch features
+	$(need_data)
 	$(RUN) 'stages=[image]' $(DATA_ARG) $(ARGS)
 
 evaluate: install ## metrics, plots, predictions.csv, index.html on the test split
+	$(need_data)
 	$(RUN) 'stages=[evaluate]' $(DATA_ARG) $(ARGS)
 
 predict: install ## trained pipeline on INPUT=<image or folder> (same DATA/ARGS as training)
+	$(if $(INPUT)$(findstring predict.input=,$(ARGS)),,\
+		$(error make predict: set INPUT=<image file or folder>))
+	$(need_data)
 	$(RUN) 'stages=[predict]' predict.input=$(INPUT) $(DATA_ARG) $(ARGS)
 
 pipeline: install ## every stage in order
+	$(need_data)
 	$(RUN) $(DATA_ARG) $(ARGS)
 
 cv: install ## cross-validation over data.fold (FOLDS=5), then mean ± std over the folds
+	$(need_data)
 	$(RUN) -m data.folds=$(FOLDS) 'data.fold=range($(FOLDS))' hydra.sweep.dir=$(CV_DIR) \
 		run_group=cv-$(STAMP) $(DATA_ARG) $(ARGS); \
 	status=$$?; $(PY) -m breastnet.summary $(CV_DIR) $(SUMMARY_ARGS); exit $$status
 
 sweep: install ## image-model search (SEARCH=image_optuna | image_grid), then its summary
+	$(need_data)
 	$(RUN) -m hparams_search=$(SEARCH) hydra.sweep.dir=$(SWEEP_DIR) run_group=$(SEARCH)-$(STAMP) \
 		$(DATA_ARG) $(ARGS); \
 	status=$$?; $(PY) -m breastnet.summary $(SWEEP_DIR) $(SUMMARY_ARGS); exit $$status

@@ -1,17 +1,26 @@
-"""``python -m breastnet``: compose the config with Hydra, then run the chosen stages in order."""
+"""``python -m breastnet``: compose the config with Hydra, then run the chosen stages in order.
+
+A user error (bad data, a missing input, a stage run before the one it needs) ends the run
+with its message and exit status 1; any other exception keeps its traceback, and
+``HYDRA_FULL_ERROR=1`` shows the traceback of both.
+"""
 
 import importlib
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from breastnet import distributed, tracking
 from breastnet.artifacts import write_json
+from breastnet.errors import ConfigError, is_user_error
+from breastnet.quiet import quiet_known_noise
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +38,7 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
     """
     unknown = [s for s in cfg.stages if s not in PIPELINE]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
     distributed.launch(cfg)
     metrics: dict[str, float] = {}
     for name in (s for s in PIPELINE if s in cfg.stages):
@@ -38,7 +47,7 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
         except ModuleNotFoundError as e:
             if e.name != f"breastnet.stages.{name}":
                 raise
-            raise ValueError(f"stage {name!r} is not available in this version") from e
+            raise ConfigError(f"stage {name!r} is not available in this version") from e
         log.info("stage %s", name)
         pl.seed_everything(cfg.seed + PIPELINE.index(name), workers=True, verbose=False)
         metrics |= stage.run(cfg)
@@ -49,16 +58,28 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+class JobFailed(CompactHydraException):
+    """A sweep job's user error: Hydra prints its message alone when the sweep ends."""
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point: metrics go to the run dir's metrics.json and, as
     ``cfg.optimized_metric``, to Hydra sweepers."""
+    quiet_known_noise(cfg)
+    multirun = distributed.in_multirun()
     try:
         metrics = run_stages(cfg)
-    except Exception:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # Hydra shows a single run's error itself
-            log.exception("job failed")  # into the job's log, which breastnet.summary shows
-        raise
+    except Exception as e:
+        # Hydra's own switch for full tracebacks (it tests for exactly "1").
+        if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if multirun:  # Hydra shows a single run's error itself
+                log.exception("job failed")  # into the job's log, which breastnet.summary shows
+            raise
+        log.error("%s", e)  # on the console and in the job's log
+        if multirun:  # the other jobs go on; the sweep ends with this message and status 1
+            raise JobFailed(str(e)) from e
+        sys.exit(1)
     finally:
         tracking.finish()  # one W&B run per job, also for sweep jobs sharing this process
     if distributed.rank() == 0:

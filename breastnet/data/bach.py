@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from breastnet import CLASSES
 from breastnet.artifacts import atomic_write, config_hash
+from breastnet.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _LABEL_ALIASES = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file and what is wrong."""
 
 
@@ -185,7 +186,10 @@ def build_index(
     """
     data_dir = Path(data_dir).expanduser().resolve()
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: data directory does not exist")
+        raise DataError(
+            f"{data_dir}: data directory does not exist; set data.data_dir to a BACH-layout "
+            "folder (make: DATA=<folder>)"
+        )
     files = find_images(data_dir)
     if not files:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
@@ -213,11 +217,14 @@ def build_index(
             found["error"] = entry.error or found["error"]  # a label error comes first
             _update(entry, found)
 
+    sides = [min(e.width, e.height) for e in entries if not e.error]
+    too_small = 0
     for e in entries:
         if not e.error and min(e.width, e.height) < min_size:
             e.error = (
                 f"{e.path}: image {e.width}x{e.height} is smaller than one {min_size} px tile"
             )
+            too_small += 1
         if not e.error and e.mode != "RGB":
             log.warning("%s: %s image converted to RGB", e.path, e.mode)
     problems += [e.error for e in entries if e.error]
@@ -226,7 +233,7 @@ def build_index(
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(
             f"{len(problems)} problem(s) in {data_dir}:\n  {shown}{more}\n"
-            "Fix or remove these files, or set data.skip_bad=true to leave them out."
+            + _advice(len(entries), len(problems), too_small, min(sides, default=0), min_size)
         )
     for problem in problems:
         log.warning("skipped: %s", problem)
@@ -236,6 +243,24 @@ def build_index(
 
 
 _VALIDATED = ("width", "height", "mode", "sha1", "file_size", "mtime_ns")
+
+
+def _advice(n_images: int, n_problems: int, too_small: int, smallest: int, min_size: int) -> str:
+    """What to do about the problems: ``skip_bad`` only while it would keep most images.
+
+    When most images are smaller than a tile, the tiling does not fit the data (typically the
+    generated demo images, 512x384, run without ``experiment=demo``): leaving them out would
+    leave little or nothing to train on.
+    """
+    if 2 * too_small <= n_images:
+        return "Fix or remove these files, or set data.skip_bad=true to leave them out."
+    others = " Fix or remove the other files listed." if n_problems > too_small else ""
+    return (
+        f"{too_small} of {n_images} images are smaller than one data.tile_size={min_size} px "
+        f"tile: the tiling does not fit this data. Set data.tile_size and data.stride to at "
+        f"most {smallest} px, or, for the generated demo images, add experiment=demo "
+        f"(make: ARGS=experiment=demo).{others}"
+    )
 
 
 def _update(entry: IndexEntry, found: dict) -> None:
