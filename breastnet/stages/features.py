@@ -14,6 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -27,6 +28,7 @@ from breastnet.inference import load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import Embedder
 from breastnet.prediction import predict_images
+from breastnet.report.metrics import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +83,15 @@ def _save(
     labels = {e.image_id: e.label_index for e in datamodule.entries}
     images, metrics = {}, {}
     for side in SIDES:
-        right = counted = 0
+        truth, preds = [], []  # of the tissue patches, as the patch stage counts them
         for image_id in datamodule.split[side]:
             if image_id not in outputs:
                 continue
             record, output = datamodule.records[image_id], outputs[image_id]
             tissue = torch.tensor(record["tissue"])
-            counted_patches = tissue >= datamodule.hparams.min_tissue
-            right += int((output["probs"].argmax(1)[counted_patches] == labels[image_id]).sum())
-            counted += int(counted_patches.sum())
+            counted = output["probs"].argmax(1)[tissue >= datamodule.hparams.min_tissue]
+            preds.append(counted.numpy())
+            truth.append(np.full(len(counted), labels[image_id]))
             images[image_id] = {
                 "features": output["features"],  # N x D
                 "probs": output["probs"],  # N x C
@@ -99,7 +101,8 @@ def _save(
                 "split": side,
                 "patch_model": output["patch_model"],  # the patch/<key> that embedded it
             }
-        metrics[f"features/patch_acc_{side}"] = right / max(counted, 1)
+        found = accuracy(np.concatenate(truth), np.concatenate(preds)) if truth else None
+        metrics[f"features/patch_acc_{side}"] = found or 0.0
     saved = {
         "classes": list(CLASSES),
         "tta": cfg.features.tta,
