@@ -31,7 +31,8 @@ PIPELINE = ("prepare", "patch", "features", "image", "evaluate", "predict")
 
 
 def run_stages(cfg: DictConfig) -> dict[str, float]:
-    """Run ``cfg.stages`` in pipeline order on every rank; returns every stage's metrics.
+    """Run ``cfg.stages`` in pipeline order on every rank; returns every stage's metrics
+    (also into the W&B summary, from rank 0).
 
     Each stage is seeded with ``seed`` + its place in the pipeline, so a stage run alone draws
     what it draws inside the whole pipeline; every rank waits for the others after each stage.
@@ -50,7 +51,10 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
             raise ConfigError(f"stage {name!r} is not available in this version") from e
         log.info("stage %s", name)
         pl.seed_everything(cfg.seed + PIPELINE.index(name), workers=True, verbose=False)
-        metrics |= stage.run(cfg)
+        returned = stage.run(cfg)
+        if distributed.rank() == 0:
+            tracking.log_summary(cfg, returned)
+        metrics |= returned
         distributed.barrier()
     if distributed.rank() == 0:
         for key, value in metrics.items():

@@ -1,9 +1,11 @@
 """W&B tracking beyond what Lightning's ``WandbLogger`` logs by itself.
 
-The Trainer logs curves and test metrics; this adds the resolved config, and after evaluate or
-predict the confusion matrix and ROC as W&B charts, the report's PNGs, and a table of the
-misclassified images. All stages of one job share one W&B run (``wandb.run``); the CLI
-finishes it at the end of the job, so each sweep job or fold gets its own run.
+The Trainer logs curves and test metrics; this adds the resolved config, every stage's returned
+numbers in the run summary, and after evaluate or predict the confusion matrix and ROC as W&B
+charts, the report's PNGs, and a table of the misclassified images. All stages of one job share
+one W&B run (``wandb.run``), each under its own key prefix (``patch/``, ``features/``,
+``image/``, ``eval/``, ``predict/``); the CLI finishes it at the end of the job, so each sweep
+job or fold gets its own run.
 """
 
 import sys
@@ -14,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet import CLASSES
+from breastnet.lineage import container
 from breastnet.report import ImageResult, Report
 
 
@@ -24,8 +27,23 @@ def uses_wandb(cfg: DictConfig) -> bool:
 
 
 def wandb_run(cfg: DictConfig) -> Any:
-    """This job's W&B run (started with the logger's settings if no stage has), else None."""
-    return instantiate(cfg.logger).experiment if uses_wandb(cfg) else None
+    """This job's W&B run, else None. Started here when no Trainer has (evaluate or predict
+    alone), with the logger's settings and the resolved config, as a Trainer's run has it."""
+    if not uses_wandb(cfg):
+        return None
+    import wandb
+
+    if wandb.run is None:
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams(container(cfg))
+        return logger.experiment
+    return wandb.run
+
+
+def log_summary(cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Put a stage's returned numbers (those of metrics.json) into the W&B run's summary."""
+    if metrics and (run := wandb_run(cfg)) is not None:
+        run.summary.update(metrics)
 
 
 def finish() -> None:
@@ -71,7 +89,8 @@ def roc_chart(curves: dict[int, tuple[np.ndarray, np.ndarray]]) -> Any:
 
 
 def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], prefix: str) -> None:
-    """Send a report to W&B: summary metrics, confusion/ROC charts, PNGs, misclassified table."""
+    """Send a report to W&B: confusion/ROC charts, PNGs, misclassified table (its numbers
+    reach the summary as the stage's returned metrics, ``log_summary``)."""
     run = wandb_run(cfg)
     if run is None:
         return
@@ -85,9 +104,6 @@ def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], pref
         confusion = report.metrics["confusion_matrix"]
         rows[f"{prefix}/confusion_matrix_chart"] = confusion_chart(confusion)
         rows[f"{prefix}/roc_chart"] = roc_chart(report.roc_curves)
-        for key in ("image_accuracy", "patch_accuracy", "macro_auc", "n_images"):
-            if report.metrics.get(key) is not None:
-                run.summary[f"{prefix}/{key}"] = report.metrics[key]
     table = wandb.Table(
         columns=["image_id", "path", "true", "predicted", "probability", "heatmap"]
     )

@@ -191,22 +191,13 @@ def read_wandb_run(run_dir: Path) -> tuple[dict, dict, dict, list]:
     return found["history"], found["summary"], found["config"], artifacts
 
 
-def test_wandb_offline_run_holds_metrics_images_and_config(
-    trained, tmp_path: Path, monkeypatch
-) -> None:
+def run_offline(cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, Path]:
+    """Run the stages of ``cfg`` into an offline W&B run; their metrics and the run's dir."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     # Offline model artifacts are staged in WANDB_DATA_DIR (~/.local/share/wandb by default).
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
-    output = tmp_path / "hydra-run"
-    cfg = cfg_for(
-        trained,
-        "stages=[image,evaluate]",
-        "logger=wandb",
-        "image.max_epochs=4",  # a new image model: the Trainer logs its curves too
-        f"paths.output_dir={output}",
-    )
     import wandb
 
     from breastnet import tracking
@@ -218,13 +209,35 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
         # The W&B service may still be writing the run's file when finish() returns;
         # shutting it down closes the file (a later wandb.init starts a new service).
         wandb.teardown()
-    (run_dir,) = (output / "wandb").glob("offline-run-*")
+    (run_dir,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
+    return metrics, run_dir
+
+
+def test_wandb_offline_run_holds_metrics_images_and_config(
+    trained, tmp_path: Path, monkeypatch
+) -> None:
+    cfg = cfg_for(
+        trained,
+        "stages=[patch,features,image,evaluate]",
+        "logger=wandb",
+        "patch_model.optimizer.lr=0.02",  # a new patch model: both Trainers log their curves
+        f"paths.output_dir={tmp_path / 'hydra-run'}",
+    )
+    metrics, run_dir = run_offline(cfg, tmp_path, monkeypatch)
     history, summary, config, artifacts = read_wandb_run(run_dir)
-    assert "model" in artifacts  # the image model's checkpoints
+    assert "model" in artifacts  # the patch and image models' checkpoints
     staged = [f for f in (tmp_path / "wandb-data").rglob("*") if f.is_file()]
     assert staged  # the checkpoint copies wait there for `wandb sync`, not in the home dir
-    assert summary["eval/image_accuracy"] == pytest.approx(metrics["eval/image_accuracy"])
-    assert "train/loss" in history and "val/acc" in history and "test/acc" in history
+    # Each stage under its own keys, in one run: every returned number is in the summary...
+    for key, value in metrics.items():
+        assert summary[key] == pytest.approx(value), key
+    assert {"patch/test_acc", "features/patch_acc_test", "image/val_acc_best"} <= set(summary)
+    # ...and both models' curves, which never share a key.
+    for stage in ("patch", "image"):
+        for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_select", "test_acc"):
+            assert f"{stage}/{name}" in history, f"{stage}/{name}"
+        assert f"{stage}/val_recall_Normal" in history
+    assert not [k for k in history if k.split("/")[0] in ("train", "val", "test")]
     images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
     assert len(images) >= 4  # confusion matrix, ROC, t-SNE, patch grid (+ heatmaps)
     wrong = round(4 * (1 - metrics["eval/image_accuracy"]))
@@ -237,3 +250,23 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
     # The whole resolved Hydra config, not only the model's hyperparameters.
     assert config["image_model"]["aggregator"]["_target_"].endswith(".Attention")
     assert config["data"]["tile_size"] == 64
+
+
+def test_wandb_run_of_predict_alone_holds_config_and_metrics(
+    trained, tmp_path: Path, monkeypatch
+) -> None:
+    """No Trainer starts this run: the config and the numbers come from tracking."""
+    cfg = cfg_for(
+        trained,
+        "stages=[predict]",
+        "logger=wandb",
+        f"predict.input={trained[0]}",
+        f"predict.output_dir={tmp_path / 'out'}",
+        f"paths.output_dir={tmp_path / 'hydra-run'}",
+    )
+    metrics, run_dir = run_offline(cfg, tmp_path, monkeypatch)
+    _, summary, config, _ = read_wandb_run(run_dir)
+    assert summary["predict/n_images"] == 16 == metrics["predict/n_images"]
+    assert summary["predict/image_accuracy"] == pytest.approx(metrics["predict/image_accuracy"])
+    assert config["predict"]["input"] == str(trained[0])
+    assert config["image_model"]["aggregator"]["name"] == "attention"
