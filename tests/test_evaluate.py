@@ -269,4 +269,4 @@ def test_wandb_run_of_predict_alone_holds_config_and_metrics(
     assert summary["predict/n_images"] == 16 == metrics["predict/n_images"]
     assert summary["predict/image_accuracy"] == pytest.approx(metrics["predict/image_accuracy"])
     assert config["predict"]["input"] == str(trained[0])
-    assert config["image_model"]["aggregator"]["name"] == "attention"
+    assert config["image_model"]["aggregator"]["_target_"].endswith(".Attention")
