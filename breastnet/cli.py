@@ -95,13 +95,13 @@ def optimized(metrics: dict[str, float], name: str | None) -> float | None:
     """The metric a sweeper optimises (None when the run sets none).
 
     Raises:
-        KeyError: the run's stages did not produce it (a typo, or a stage left out): a
+        ConfigError: the run's stages did not produce it (a typo, or a stage left out): a
             sweeper would otherwise record None and compare trials on nothing.
     """
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(
+        raise ConfigError(
             f"optimized_metric={name!r} is not among this run's metrics "
             f"({', '.join(sorted(metrics)) or 'none'}): check its name and cfg.stages"
         )

@@ -89,8 +89,9 @@ def test_search_jobs_compose(search: str, tmp_path: Path, one_thread: None) -> N
 
 def test_a_missing_optimized_metric_raises_with_what_there_is() -> None:
     from breastnet.cli import optimized
+    from breastnet.errors import ConfigError
 
     assert optimized({"image/val_acc_best": 0.75}, "image/val_acc_best") == 0.75
     assert optimized({"image/val_acc_best": 0.75}, None) is None
-    with pytest.raises(KeyError, match="'image/val_acc'.*image/val_acc_best"):
+    with pytest.raises(ConfigError, match="'image/val_acc'.*image/val_acc_best"):
         optimized({"image/val_acc_best": 0.75}, "image/val_acc")
