@@ -89,8 +89,7 @@ def roc_chart(curves: dict[int, tuple[np.ndarray, np.ndarray]]) -> Any:
 
 
 def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], prefix: str) -> None:
-    """Send a report to W&B: confusion/ROC charts, PNGs, misclassified table (its numbers
-    reach the summary as the stage's returned metrics, ``log_summary``)."""
+    """Send a report to W&B: summary metrics, confusion/ROC charts, PNGs, misclassified table."""
     run = wandb_run(cfg)
     if run is None:
         return
@@ -104,6 +103,11 @@ def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], pref
         confusion = report.metrics["confusion_matrix"]
         rows[f"{prefix}/confusion_matrix_chart"] = confusion_chart(confusion)
         rows[f"{prefix}/roc_chart"] = roc_chart(report.roc_curves)
+        # Here too, not only from the stage's return: predict fails after its report when any
+        # file did, and the numbers of the files that worked belong in the summary.
+        for key in ("image_accuracy", "patch_accuracy", "macro_auc", "n_images"):
+            if report.metrics.get(key) is not None:
+                run.summary[f"{prefix}/{key}"] = report.metrics[key]
     table = wandb.Table(
         columns=["image_id", "path", "true", "predicted", "probability", "heatmap"]
     )
