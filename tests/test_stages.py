@@ -220,6 +220,13 @@ def test_image_stage_end_to_end(demo: Path, tmp_path: Path) -> None:
     (image_dir,) = (tmp_path / "work" / "image").iterdir()
     state = torch.load(image_dir / "best.ckpt", weights_only=False)["state_dict"]
     assert any(k.startswith("backbone.") for k in state) and any("lstm" in k for k in state)
+    # The CNN trained in train mode: its BatchNorm statistics moved from the patch model's.
+    (patch_dir,) = (tmp_path / "work" / "patch").iterdir()
+    patch = torch.load(patch_dir / "best.ckpt", weights_only=False)["state_dict"]
+    stats = [k for k in patch if k.startswith("net.") and k.endswith("running_mean")]
+    assert stats and any(
+        not torch.equal(patch[k], state["backbone." + k.removeprefix("net.")]) for k in stats
+    )
     # Evaluate runs the fine-tuned CNN of the image model itself (no features file exists).
     with open_dict(cfg):
         cfg.stages = ["evaluate"]

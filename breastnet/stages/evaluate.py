@@ -19,6 +19,7 @@ from breastnet.data.datasets import FeatureDataset
 from breastnet.data.groups import resolve_groups
 from breastnet.data.splits import SIDES, split_summary
 from breastnet.distributed import on_rank_zero
+from breastnet.errors import ConfigError
 from breastnet.inference import image_embedder, image_result, load_image_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import Embedder
@@ -34,7 +35,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the trained pipeline on ``evaluate.split``; returns the headline metrics."""
     split = cfg.evaluate.split
     if split not in SPLITS:
-        raise ValueError(f"evaluate.split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"evaluate.split must be one of {SPLITS}, got {split!r}")
     lineage = Lineage(cfg)
     datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()

@@ -35,7 +35,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return done
 
     if settings.end_to_end:
-        backbone = load_patch_model(cfg, lineage).net
+        # load_patch_model returns it in eval mode, which Lightning keeps through fit: train
+        # mode here (BatchNorm stays frozen where freeze_bn says so), or nothing would adapt.
+        backbone = load_patch_model(cfg, lineage).net.train()
         datamodule = instantiate(cfg.data, mode="image", batch_size=settings.batch_size)
         model = build_image_model(cfg, backbone.feature_dim, backbone)
     else:

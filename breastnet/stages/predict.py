@@ -24,6 +24,7 @@ from breastnet.data.bach import (
 )
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.distributed import on_rank_zero
+from breastnet.errors import ConfigError
 from breastnet.inference import ImageFiles, image_embedder, image_result, load_image_model
 from breastnet.lineage import Lineage
 from breastnet.prediction import predict_images
@@ -61,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     Files are decoded, normalised and tiled in DataLoader workers and embedded on every rank.
     """
     if not cfg.predict.input:
-        raise ValueError("set predict.input=<image file or folder> (make predict INPUT=...)")
+        raise ConfigError("set predict.input=<image file or folder> (make predict INPUT=...)")
     root, files = find_inputs(Path(cfg.predict.input).expanduser().resolve())
     labels = labels_for(root, files, cfg.predict.labels_csv)
     lineage = Lineage(cfg)
