@@ -169,7 +169,7 @@ def audit_split(
         return saved
     split = json.loads(split_path.read_text())
     matches = audit(cached_image_descriptors(work_dir, entries), split, threshold)
-    _write(out, matches, threshold, "images")
+    saved = _write(out, matches, threshold, "images")
     flagged = [m for m in matches if m.near_duplicates]
     if flagged:
         pairs = "; ".join(f"{m.image_id} ~ {m.train_id} ({m.similarity:.3f})" for m in flagged[:3])
@@ -183,22 +183,22 @@ def audit_split(
             pairs,
             out,
         )
-    return json.loads(out.read_text())
+    return saved
 
 
-def _write(out: Path, matches: list[Match], threshold: float, kind: str) -> None:
-    """``out`` (JSON: settings, counts, every match) and the same rows as CSV beside it."""
+def _write(out: Path, matches: list[Match], threshold: float, kind: str) -> dict:
+    """``out`` (JSON: settings, counts, every match) and the same rows as CSV beside it;
+    returns what the JSON holds."""
     rows = [asdict(m) for m in matches]
     flagged = sum(m.near_duplicates > 0 for m in matches)
-    write_json(
-        out,
-        {"descriptor": kind, "threshold": threshold, "flagged": flagged, "matches": rows},
-    )
+    saved = {"descriptor": kind, "threshold": threshold, "flagged": flagged, "matches": rows}
+    write_json(out, saved)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(Match.__dataclass_fields__))
     writer.writeheader()
     writer.writerows(rows)
     write_text(out.with_suffix(".csv"), text.getvalue())
+    return saved
 
 
 def main(argv: list[str] | None = None) -> None:
