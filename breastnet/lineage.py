@@ -65,16 +65,27 @@ def training_settings(trainer_cfg: Any) -> dict:
     return {k: v for k, v in container(trainer_cfg).items() if k not in PLACEMENT_KEYS}
 
 
-def index_key(data_dir: str | Path, labels_csv: str | None) -> str:
-    """Key of one data set: its resolved folder and label file (several share a work_dir)."""
+def index_key(
+    data_dir: str | Path, labels_csv: str | None, label_map: Mapping[str, str] | None = None
+) -> str:
+    """Key of one data set: its resolved folder and label file (several share a work_dir),
+    and the label map when there is one (keys made before label maps stay valid)."""
     folder = Path(data_dir).expanduser().resolve()
     labels = str(Path(labels_csv).expanduser().resolve()) if labels_csv else None
-    return config_hash({"data_dir": str(folder), "labels_csv": labels})
+    key: dict[str, Any] = {"data_dir": str(folder), "labels_csv": labels}
+    if label_map:
+        key["label_map"] = container(label_map)
+    return config_hash(key)
 
 
-def index_path(work_dir: Path, data_dir: str | Path, labels_csv: str | None) -> Path:
+def index_path(
+    work_dir: Path,
+    data_dir: str | Path,
+    labels_csv: str | None,
+    label_map: Mapping[str, str] | None = None,
+) -> Path:
     """``work_dir/index/<data set key>.csv``."""
-    return Path(work_dir) / "index" / f"{index_key(data_dir, labels_csv)}.csv"
+    return Path(work_dir) / "index" / f"{index_key(data_dir, labels_csv, label_map)}.csv"
 
 
 def stain_settings(stain: Any, entries: list[IndexEntry], split: str) -> dict:
@@ -124,7 +135,8 @@ class Lineage:
 
     @property
     def index(self) -> Path:
-        return index_path(self.work_dir, self.cfg.data.data_dir, self.cfg.data.labels_csv)
+        data = self.cfg.data
+        return index_path(self.work_dir, data.data_dir, data.labels_csv, data.get("label_map"))
 
     @cached_property
     def entries(self) -> list[IndexEntry]:

@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from breastnet import CLASSES
 from breastnet.lineage import container
 from breastnet.report import ImageResult, Report
+from breastnet.report.metrics import headline
+from breastnet.report.result import label_name
 
 
 def uses_wandb(cfg: DictConfig) -> bool:
@@ -100,14 +102,12 @@ def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], pref
         for name, path in report.figures.items()
     }
     if report.metrics is not None:
-        confusion = report.metrics["confusion_matrix"]
-        rows[f"{prefix}/confusion_matrix_chart"] = confusion_chart(confusion)
-        rows[f"{prefix}/roc_chart"] = roc_chart(report.roc_curves)
+        if (confusion := report.metrics["confusion_matrix"]) is not None:  # 4-class labels
+            rows[f"{prefix}/confusion_matrix_chart"] = confusion_chart(confusion)
+            rows[f"{prefix}/roc_chart"] = roc_chart(report.roc_curves)
         # Here too, not only from the stage's return: predict fails after its report when any
         # file did, and the numbers of the files that worked belong in the summary.
-        for key in ("image_accuracy", "patch_accuracy", "macro_auc", "n_images"):
-            if report.metrics.get(key) is not None:
-                run.summary[f"{prefix}/{key}"] = report.metrics[key]
+        run.summary.update({f"{prefix}/{k}": v for k, v in headline(report.metrics).items()})
     table = wandb.Table(
         columns=["image_id", "path", "true", "predicted", "probability", "heatmap"]
     )
@@ -118,7 +118,7 @@ def log_report(cfg: DictConfig, report: Report, results: list[ImageResult], pref
         table.add_data(
             image_id,
             r.path,
-            CLASSES[r.label],
+            label_name(r, CLASSES),
             CLASSES[r.predicted],
             float(r.probs.max()),
             wandb.Image(str(heatmap)) if heatmap else None,

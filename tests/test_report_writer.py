@@ -9,7 +9,7 @@ from PIL import Image
 
 from breastnet import CLASSES
 from breastnet.report import write_report
-from breastnet.report.metrics import classification_metrics
+from breastnet.report.metrics import classification_metrics, two_class_metrics
 
 from conftest import synthetic_results
 
@@ -22,6 +22,8 @@ def test_report_metrics_equal_classification_metrics(report) -> None:
     expected = classification_metrics(
         np.array([r.label for r in ok]), np.stack([r.probs for r in ok]), patch_labels, patch_preds
     )
+    groups = np.array([r.label in (2, 3) for r in ok], dtype=int)
+    expected["two_class"] = two_class_metrics(groups, np.stack([r.probs for r in ok]))
     saved = json.loads((rep.out_dir / "metrics.json").read_text())
     assert saved == rep.metrics == expected | {"n_errors": 1}
     assert saved["n_images"] == 12 and saved["n_patches"] == 12 * 8
@@ -34,12 +36,15 @@ def test_predictions_csv(report) -> None:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == [
         "image_id", "path", "label", "predicted",
-        "prob_Normal", "prob_Benign", "prob_InSitu", "prob_Invasive", "error",
+        "prob_Normal", "prob_Benign", "prob_InSitu", "prob_Invasive", "prob_carcinoma",
+        "n_patches", "mpp", "error",
     ]  # fmt: skip
     assert [row["image_id"] for row in rows] == [r.image_id for r in results]
     first = results[0]
     assert rows[0]["label"] == "Normal" and rows[0]["predicted"] == CLASSES[first.predicted]
     assert rows[0]["prob_Invasive"] == f"{first.probs[3]:.4f}" and rows[0]["error"] == ""
+    assert rows[0]["prob_carcinoma"] == f"{first.probs[2] + first.probs[3]:.4f}"
+    assert rows[0]["n_patches"] == "9" and rows[0]["mpp"] == ""
     assert rows[-1]["error"] == "unreadable: truncated TIFF"
     assert rows[-1]["label"] == "Benign" and rows[-1]["predicted"] == rows[-1]["prob_Normal"] == ""
 

@@ -9,8 +9,8 @@ import csv
 import hashlib
 import io
 import logging
-import re
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,19 +22,12 @@ from tqdm import tqdm
 from breastnet import CLASSES
 from breastnet.artifacts import atomic_write, config_hash
 from breastnet.errors import UserError
+from breastnet.labels import LabelMap, canonical_label, unlabelled_folder
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg"})
 GROUND_TRUTH_CSV = "microscopy_ground_truth.csv"  # BACH's own label file, next to Photos/
-_LABEL_ALIASES = {
-    "normal": "Normal",
-    "benign": "Benign",
-    "insitu": "InSitu",
-    "insitucarcinoma": "InSitu",
-    "invasive": "Invasive",
-    "invasivecarcinoma": "Invasive",
-}
 
 
 class DataError(UserError, ValueError):
@@ -65,11 +58,6 @@ class IndexEntry:
     @property
     def label_index(self) -> int:
         return CLASSES.index(self.label)
-
-
-def canonical_label(name: str) -> str | None:
-    """Map a folder or CSV label ('in_situ', 'In Situ', 'INVASIVE') to a class name."""
-    return _LABEL_ALIASES.get(re.sub(r"[^a-z]", "", name.lower()))
 
 
 def read_rgb(path: str | Path) -> tuple[np.ndarray, str]:
@@ -109,16 +97,9 @@ def find_images(data_dir: Path) -> list[Path]:
     )
 
 
-def folder_label(path: Path, data_dir: Path) -> str | None:
-    """Label from the nearest enclosing class folder (BACH's layout), if any."""
-    for parent in path.relative_to(data_dir).parents:
-        if parent.name and (label := canonical_label(parent.name)):
-            return label
-    return None
-
-
 def read_label_csv(path: Path) -> dict[str, str]:
-    """Read a ``file,label`` CSV (BACH's ground truth has no header; one is allowed)."""
+    """File name -> label as written, from a ``file,label`` CSV (BACH's ground truth has no
+    header; one is allowed). What a label means is the ``LabelMap``'s business."""
     labels: dict[str, str] = {}
     with open(path, newline="") as f:
         for row_no, row in enumerate(csv.reader(f), start=1):
@@ -127,15 +108,9 @@ def read_label_csv(path: Path) -> dict[str, str]:
             if len(row) < 2:
                 raise DataError(f"{path}, line {row_no}: expected 'file,label', got {row}")
             name, raw = row[0].strip(), row[1].strip()
-            label = canonical_label(raw)
-            if label is None:
-                if row_no == 1 and raw.lower() in ("label", "class", "diagnosis"):
-                    continue  # header
-                raise DataError(
-                    f"{path}, line {row_no}: unknown label {raw!r} for {name!r} "
-                    f"(expected one of {', '.join(CLASSES)})"
-                )
-            labels[name] = label
+            if row_no == 1 and raw.lower() in ("label", "class", "diagnosis"):
+                continue  # header
+            labels[name] = raw
     return labels
 
 
@@ -169,6 +144,7 @@ def build_index(
     skip_bad: bool = False,
     num_workers: int = 2,
     previous: list[IndexEntry] | None = None,
+    label_map: Mapping[str, str] | None = None,
 ) -> list[IndexEntry]:
     """Scan, label, validate and hash every image under ``data_dir``.
 
@@ -180,6 +156,7 @@ def build_index(
         skip_bad: leave bad files out with a warning instead of failing.
         num_workers: threads that decode images (PIL releases the GIL while decoding).
         previous: an earlier index; unchanged files are not decoded again.
+        label_map: other names of the classes in folders or the CSV (``data.label_map``).
 
     Raises:
         DataError: listing every bad file, unless ``skip_bad``.
@@ -198,7 +175,11 @@ def build_index(
 
     csv_path = find_label_csv(data_dir, labels_csv)
     csv_labels = read_label_csv(csv_path) if csv_path else {}
-    entries = [_labelled_entry(f, data_dir, csv_labels, csv_path) for f in files]
+    labels = LabelMap(label_map, "data.label_map", groups=False)
+    unknown: Counter = Counter()
+    entries = [_labelled_entry(f, data_dir, csv_labels, csv_path, labels, unknown) for f in files]
+    if unknown:
+        problems.insert(0, labels.unknown_report(unknown))
 
     # Reuse what an earlier scan decoded, for files whose size and mtime are unchanged.
     cached = {(e.path, e.file_size, e.mtime_ns): e for e in previous or [] if e.sha1}
@@ -283,23 +264,37 @@ def find_label_csv(data_dir: Path, labels_csv: str | Path | None) -> Path | None
 
 
 def _labelled_entry(
-    path: Path, data_dir: Path, csv_labels: dict[str, str], csv_path: Path | None
+    path: Path,
+    data_dir: Path,
+    csv_labels: dict[str, str],
+    csv_path: Path | None,
+    labels: LabelMap,
+    unknown: Counter,
 ) -> IndexEntry:
+    """The file's entry with its label, or the error that keeps it out; a label name that
+    nothing maps is counted in ``unknown``."""
     rel = path.relative_to(data_dir)
     entry = IndexEntry(image_id=rel.with_suffix("").as_posix(), path=str(path), label="")
-    from_folder = folder_label(path, data_dir)
-    from_csv = csv_labels.get(rel.as_posix(), csv_labels.get(path.name))
-    if from_folder and from_csv and from_folder != from_csv:
+    from_folder = labels.folder(path, data_dir)
+    raw_csv = csv_labels.get(rel.as_posix(), csv_labels.get(path.name))
+    from_csv = labels(raw_csv) if raw_csv is not None else None
+    label = from_folder or from_csv
+    if raw_csv is not None and from_csv is None:
+        unknown[raw_csv] += 1
+        entry.error = f"{path}: label file {csv_path} gives the unknown label {raw_csv!r}"
+    elif from_folder and from_csv and from_folder != from_csv:
         entry.error = (
             f"{path}: label file {csv_path} says {from_csv} but the file is in a "
             f"{from_folder} folder"
         )
-    elif not (from_folder or from_csv):
+    elif label is None:
+        if folder := unlabelled_folder(path, data_dir):
+            unknown[folder] += 1
         entry.error = (
             f"{path}: no label: its folder '{rel.parent}' is not a class "
             f"({', '.join(CLASSES)})" + ("" if csv_path else " and no label CSV was given")
         )
-    entry.label = from_folder or from_csv or ""
+    entry.label = label or ""
     return entry
 
 

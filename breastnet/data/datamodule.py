@@ -44,6 +44,7 @@ class BreastDataModule(pl.LightningDataModule):
         augment: Mapping,
         mode: str = "patch",
         labels_csv: str | None = None,
+        label_map: Mapping[str, str] | None = None,
         split: Sequence[float] = (0.7, 0.2, 0.1),
         folds: int | None = None,
         fold: int = 0,
@@ -84,7 +85,8 @@ class BreastDataModule(pl.LightningDataModule):
     @property
     def index_path(self) -> Path:
         """This data set's index (one per data set: several share a work_dir)."""
-        return lineage.index_path(self.work_dir, self.data_dir, self.hparams.labels_csv)
+        hp = self.hparams
+        return lineage.index_path(self.work_dir, self.data_dir, hp.labels_csv, hp.label_map)
 
     @property
     def world_size(self) -> int:
@@ -110,6 +112,7 @@ class BreastDataModule(pl.LightningDataModule):
             skip_bad=hp.skip_bad,
             num_workers=hp.prepare_workers,
             previous=previous,
+            label_map=hp.label_map,
         )
         bach.write_index(self.index_path, entries)
         self._locate(entries, build=True)

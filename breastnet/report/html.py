@@ -5,7 +5,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
-from breastnet.report.result import ImageResult, class_name
+from breastnet.report.result import ImageResult, label_name
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222;
@@ -82,6 +82,30 @@ def _img(path: Path, caption: str, half: bool = False) -> str:
 
 
 def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
+    """The 4-class numbers (when there are 4-class labels), then the 2-class ones."""
+    two = metrics["two_class"]
+    binary = _table(
+        ["accuracy", "95 % CI", "sensitivity", "specificity", "AUC", "95 % CI", "images"],
+        [
+            [
+                _fmt(two["accuracy"]),
+                _fmt_ci(two["accuracy_ci"]),
+                _fmt(two["sensitivity"]),
+                _fmt(two["specificity"]),
+                _fmt(two["auc"]),
+                _fmt_ci(two["auc_ci"]),
+                f"{two['n_images']} ({two['n_carcinoma']} carcinoma)",
+            ]
+        ],
+        numeric=set(range(7)),
+    )
+    binary = (
+        "<h3>Carcinoma vs non-carcinoma</h3><p>BACH's 2-class view: InSitu + Invasive "
+        "against Normal + Benign, each image's group from its predicted class; the AUC ranks "
+        f"by the summed carcinoma probability.</p>{binary}"
+    )
+    if metrics["per_class"] is None:
+        return f"<h2>Metrics</h2><p>Only 2-class labels: no 4-class numbers.</p>{binary}"
     summary = _table(
         [
             "image accuracy",
@@ -113,7 +137,14 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
         ],
         numeric={1, 2, 3, 4},
     )
-    return f"<h2>Metrics</h2>{summary}<h3>Per class</h3>{per_class}"
+    return f"<h2>Metrics</h2>{summary}<h3>Per class</h3>{per_class}{binary}"
+
+
+def _true_prob(r: ImageResult) -> float:
+    """The probability given to the true label: its class, or its group's summed classes."""
+    if r.label is not None:
+        return float(r.probs[r.label])
+    return r.carcinoma_prob if r.group else 1 - r.carcinoma_prob
 
 
 def _split_html(split: dict) -> str:
@@ -134,7 +165,7 @@ def _predictions_html(results: list[ImageResult], classes: Sequence[str]) -> str
         [
             _esc(r.image_id),
             _esc(r.path),
-            _esc(class_name(r.label, classes)),
+            _esc(label_name(r, classes)),
             _esc(classes[r.predicted]),
             _fmt(float(r.probs[r.predicted])),
         ]
@@ -187,10 +218,10 @@ def render_html(
                 [
                     _esc(r.image_id),
                     _esc(r.path),
-                    _esc(classes[r.label]),
+                    _esc(label_name(r, classes)),
                     _esc(classes[r.predicted]),
                     _fmt(float(r.probs[r.predicted])),
-                    _fmt(float(r.probs[r.label])),
+                    _fmt(_true_prob(r)),
                 ]
                 for r in misclassified
             ]

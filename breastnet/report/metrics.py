@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 from torchmetrics.functional.classification import (
+    binary_auroc,
     multiclass_accuracy,
     multiclass_auroc,
     multiclass_confusion_matrix,
 )
 
 from breastnet import CLASSES
+from breastnet.labels import CARCINOMA
 
 BOOTSTRAP_RESAMPLES = 1000
 _BOOTSTRAP_CHUNK = 2**22  # resample x image weights held at once (32 MiB of float64)
@@ -92,6 +94,7 @@ def bootstrap_intervals(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
     level: float = 0.95,
+    preds: np.ndarray | None = None,
 ) -> tuple[list[float], list[float] | None]:
     """Percentile-bootstrap intervals of image accuracy and macro AUC, resampling images.
 
@@ -103,12 +106,13 @@ def bootstrap_intervals(
         resamples: bootstrap resamples (draws of n images with replacement).
         seed: the resampling seed: the same inputs and seed give the same intervals.
         level: the interval's coverage.
+        preds: [n] the predicted class of each image (default: the argmax of ``probs``).
 
     Returns:
         ``([low, high] accuracy, [low, high] macro AUC or None without auc_classes)``.
     """
     n = len(labels)
-    correct = (probs.argmax(1) == labels).astype(float)
+    correct = ((probs.argmax(1) if preds is None else preds) == labels).astype(float)
     draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     accuracies, auc = [], []
     for rows in np.array_split(draws, max(1, resamples * n // _BOOTSTRAP_CHUNK)):
@@ -203,3 +207,59 @@ def classification_metrics(
         "n_images": n,
         "n_patches": n_patches,
     }
+
+
+def two_class_metrics(groups: np.ndarray, probs: np.ndarray, seed: int = 0) -> dict:
+    """BACH's 2-class view, carcinoma (InSitu + Invasive) against non-carcinoma.
+
+    The predicted group is that of the predicted class (the 4-class argmax), as BACH scores
+    it, so it agrees with predictions.csv; the AUC ranks images by the summed probability of
+    the carcinoma classes.
+
+    Args:
+        groups: [n] true groups, 1 carcinoma, 0 non-carcinoma.
+        probs: [n, 4] class probabilities in ``CLASSES`` order.
+        seed: seed of the bootstrap intervals.
+
+    Returns:
+        ``accuracy``, ``sensitivity`` (carcinoma found), ``specificity``, ``auc`` (None unless
+        both groups occur; sensitivity/specificity None without positives/negatives), their
+        95 % bootstrap intervals ``accuracy_ci``/``auc_ci``, ``confusion_matrix`` (rows true,
+        columns predicted, non-carcinoma first), ``n_images`` and ``n_carcinoma``.
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    carcinoma = [CLASSES.index(c) for c in CARCINOMA]
+    score = probs[:, carcinoma].sum(1)
+    predicted = np.isin(probs.argmax(1), carcinoma).astype(np.int64)
+    confusion = np.zeros((2, 2), dtype=int)
+    np.add.at(confusion, (groups, predicted), 1)
+    (true_neg, false_pos), (false_neg, true_pos) = confusion
+    positives, negatives = true_pos + false_neg, true_neg + false_pos
+    both = positives > 0 and negatives > 0
+    auc = binary_auroc(torch.from_numpy(score), torch.from_numpy(groups)) if both else None
+    accuracy_ci, auc_ci = bootstrap_intervals(
+        groups, np.stack([1 - score, score], 1), [1] if both else [], seed=seed, preds=predicted
+    )
+    return {
+        "accuracy": _number((true_pos + true_neg) / len(groups)),
+        "accuracy_ci": accuracy_ci,
+        "sensitivity": _number(true_pos / positives) if positives else None,
+        "specificity": _number(true_neg / negatives) if negatives else None,
+        "auc": None if auc is None else _number(auc),
+        "auc_ci": auc_ci,
+        "confusion_matrix": confusion.tolist(),
+        "n_images": len(groups),
+        "n_carcinoma": int(positives),
+    }
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """The scalars a run's summary (W&B, Hydra sweeps) carries from a report's metrics:
+    the 4-class numbers and the 2-class ones as ``carcinoma_<name>``."""
+    keys = ("image_accuracy", "patch_accuracy", "macro_auc", "n_images")
+    out = {k: metrics[k] for k in keys if metrics.get(k) is not None}
+    two = metrics.get("two_class") or {}
+    keys = ("accuracy", "sensitivity", "specificity", "auc", "n_images")
+    out |= {f"carcinoma_{k}": two[k] for k in keys if two.get(k) is not None}
+    return out

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from breastnet import CLASSES
+from breastnet.labels import CARCINOMA, GROUPS, group_of
+
 
 @dataclass
 class ImageResult:
@@ -12,7 +15,7 @@ class ImageResult:
 
     image_id: str
     path: str
-    label: int | None  # true class index, None when unknown
+    label: int | None  # true class index, None when unknown (or only its group is known)
     probs: np.ndarray | None  # [C] image-level class probabilities; None on error
     patch_probs: np.ndarray | None  # [N, C] per-patch probabilities (grid row-major order)
     positions: np.ndarray | None  # [N, 2] (row, col) grid position of each patch
@@ -20,6 +23,8 @@ class ImageResult:
     features: np.ndarray | None = None  # [N, D] pooled patch features (for t-SNE)
     attention: np.ndarray | None = None  # [N] aggregator attention weights, when it has them
     error: str | None = None  # why this image has no prediction (unreadable, too small...)
+    label_group: int | None = None  # the 2-class label (GROUPS index) when only that is known
+    mpp: float | None = None  # microns per pixel the file was read at, when known (predict)
 
     @property
     def failed(self) -> bool:
@@ -31,6 +36,34 @@ class ImageResult:
         """Index of the most probable class, None when the image has no prediction."""
         return None if self.failed else int(np.argmax(self.probs))
 
+    @property
+    def group(self) -> int | None:
+        """The 2-class label: 1 carcinoma (InSitu, Invasive), 0 non-carcinoma, None unknown."""
+        if self.label is None:
+            return self.label_group
+        return GROUPS.index(group_of(CLASSES[self.label]))
+
+    @property
+    def wrong(self) -> bool:
+        """Predicted, labelled and wrong: the class when it is known, else the group."""
+        if self.failed or self.group is None:
+            return False
+        if self.label is not None:
+            return self.predicted != self.label
+        return GROUPS.index(group_of(CLASSES[self.predicted])) != self.group
+
+    @property
+    def carcinoma_prob(self) -> float | None:
+        """The probability of carcinoma: the sum of its classes' probabilities."""
+        if self.failed:
+            return None
+        return float(sum(self.probs[CLASSES.index(c)] for c in CARCINOMA))
+
+    @property
+    def n_patches(self) -> int | None:
+        """How many patches the image gave (None when it failed before tiling)."""
+        return None if self.patch_probs is None else len(self.patch_probs)
+
     def tissue_patches(self, values: np.ndarray, min_tissue: float) -> np.ndarray:
         """The rows of ``values`` ([N, ...], one per patch) whose patch has at least
         ``min_tissue`` tissue, all of them when tissue is unknown: background patches say
@@ -41,3 +74,10 @@ class ImageResult:
 def class_name(index: int | None, classes: Sequence[str]) -> str:
     """The name of a class index, "" for None (no label, or no prediction)."""
     return "" if index is None else classes[index]
+
+
+def label_name(result: ImageResult, classes: Sequence[str]) -> str:
+    """The true label as a name: the class, else the 2-class group, else ""."""
+    if result.label is None and result.label_group is not None:
+        return GROUPS[result.label_group]
+    return class_name(result.label, classes)

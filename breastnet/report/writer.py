@@ -21,8 +21,13 @@ from breastnet.report.figures import (
     plot_tsne,
 )
 from breastnet.report.html import render_html
-from breastnet.report.metrics import classification_metrics, roc_curves
-from breastnet.report.result import ImageResult, class_name
+from breastnet.report.metrics import classification_metrics, roc_curves, two_class_metrics
+from breastnet.report.result import ImageResult, class_name, label_name
+
+# metrics.json's 4-class keys when the labels are only the 2-class groups
+_NO_FOUR_CLASS = dict.fromkeys(
+    ("image_accuracy", "image_accuracy_ci", "patch_accuracy", "macro_auc", "macro_auc_ci")
+) | {"per_class": None, "confusion_matrix": None, "n_images": 0, "n_patches": None}
 
 
 @dataclass
@@ -34,7 +39,7 @@ class Report:
     figures: dict[str, Path]  # name -> PNG path ("confusion_matrix", "heatmap/<image_id>"...)
     predictions_csv: Path
     html: Path
-    misclassified: list[str]  # image ids with label != predicted
+    misclassified: list[str]  # image ids predicted wrong (the group, when only it is known)
     roc_curves: dict[int, tuple[np.ndarray, np.ndarray]]  # class -> (fpr, tpr), when labelled
 
 
@@ -57,12 +62,17 @@ def _patch_predictions(
 def _write_predictions(path: Path, results: list[ImageResult], classes: Sequence[str]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    header = ["image_id", "path", "label", "predicted", *(f"prob_{c}" for c in classes), "error"]
-    writer.writerow(header)
+    probs = [f"prob_{c}" for c in classes]
+    header = ["image_id", "path", "label", "predicted", *probs, "prob_carcinoma", "n_patches"]
+    writer.writerow([*header, "mpp", "error"])
     for r in results:
         probs = [""] * len(classes) if r.failed else [f"{p:.4f}" for p in r.probs]
-        label, predicted = class_name(r.label, classes), class_name(r.predicted, classes)
-        writer.writerow([r.image_id, r.path, label, predicted, *probs, r.error or ""])
+        carcinoma = "" if r.failed else f"{r.carcinoma_prob:.4f}"
+        label, predicted = label_name(r, classes), class_name(r.predicted, classes)
+        counts = ["" if x is None else x for x in (r.n_patches, r.mpp)]
+        writer.writerow(
+            [r.image_id, r.path, label, predicted, *probs, carcinoma, *counts, r.error or ""]
+        )
     write_text(path, buffer.getvalue())
 
 
@@ -107,24 +117,29 @@ def write_report(
     out_dir = Path(out_dir)
     ok = [r for r in results if not r.failed]
     labelled = [r for r in ok if r.label is not None]
-    n_errors = len(results) - len(ok)
+    grouped = [r for r in ok if r.group is not None]  # 4-class labels count in 2-class too
 
     metrics, curves = None, {}
-    if labelled:
-        labels = np.array([r.label for r in labelled])
-        probs = np.stack([r.probs for r in labelled])
-        patch_labels, patch_preds = _patch_predictions(labelled, min_tissue)
-        metrics = classification_metrics(labels, probs, patch_labels, patch_preds, classes)
-        metrics |= {"n_errors": n_errors}
+    if grouped:
+        metrics = dict(_NO_FOUR_CLASS)
+        if labelled:
+            labels = np.array([r.label for r in labelled])
+            probs = np.stack([r.probs for r in labelled])
+            patch_labels, patch_preds = _patch_predictions(labelled, min_tissue)
+            metrics = classification_metrics(labels, probs, patch_labels, patch_preds, classes)
+            curves = roc_curves(labels, probs)
+        metrics["two_class"] = two_class_metrics(
+            np.array([r.group for r in grouped]), np.stack([r.probs for r in grouped]), seed
+        )
+        metrics["n_errors"] = len(results) - len(ok)
         if split is not None:
             metrics["split"] = {k: v for k, v in split.items() if k != "pairs"}
-        curves = roc_curves(labels, probs)
         write_json(out_dir / "metrics.json", metrics)
     predictions_csv = out_dir / "predictions.csv"
     _write_predictions(predictions_csv, results, classes)
 
     figures: dict[str, Path] = {}
-    if metrics is not None:
+    if labelled:
         figures["confusion_matrix"] = plot_confusion(
             metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png"
         )
@@ -136,7 +151,7 @@ def write_report(
     if tsne is not None:
         figures["tsne"] = tsne
 
-    misclassified = [r for r in labelled if r.predicted != r.label]
+    misclassified = [r for r in ok if r.wrong]
     heatmaps: dict[str, Path] = {}
     if patches is not None:
         tiles = TileCache(patches)  # predict re-tiles an image per call: load each once

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from breastnet.artifacts import finish_stage
 from breastnet.report import ImageResult, Report, write_report
+from breastnet.report.metrics import headline
 from breastnet.tracking import log_report
 from breastnet.trainer import EpochSeed, ProgressLog, build_trainer
 
@@ -91,8 +92,7 @@ def summary_metrics(report: Report, prefix: str) -> dict[str, float]:
     """The headline numbers of a report as flat ``<prefix>/<name>`` scalars (for Hydra, W&B)."""
     if report.metrics is None:
         return {}
-    keys = ("image_accuracy", "patch_accuracy", "macro_auc", "n_images")
-    out = {f"{prefix}/{k}": report.metrics[k] for k in keys if report.metrics[k] is not None}
+    out = {f"{prefix}/{k}": v for k, v in headline(report.metrics).items()}
     if (duplicates := report.metrics.get("split", {}).get("near_duplicates")) is not None:
         out[f"{prefix}/near_duplicates"] = duplicates
     return out

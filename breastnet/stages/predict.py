@@ -9,25 +9,22 @@ fails at the end, after writing everything, when any file did.
 """
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet import CLASSES
-from breastnet.data.bach import (
-    DataError,
-    find_images,
-    find_label_csv,
-    folder_label,
-    read_label_csv,
-)
+from breastnet.data.bach import DataError, find_images, find_label_csv, read_label_csv
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
 from breastnet.inference import ImageFiles, image_embedder, image_result, load_image_model
+from breastnet.labels import GROUPS, LabelMap, unlabelled_folder
 from breastnet.lineage import Lineage
 from breastnet.prediction import predict_images
+from breastnet.report import ImageResult
 from breastnet.stages.common import publish_report
 
 log = logging.getLogger(__name__)
@@ -45,15 +42,46 @@ def find_inputs(source: Path) -> tuple[Path, list[Path]]:
     return source, files
 
 
-def labels_for(root: Path, files: list[Path], labels_csv: str | None) -> dict[Path, str | None]:
-    """Each file's label from its class folder or the label CSV (None when it has none)."""
+def labels_for(
+    root: Path, files: list[Path], labels_csv: str | None, label_map: LabelMap
+) -> dict[Path, str | None]:
+    """Each file's class or 2-class group from its folder or the label CSV, None when it has
+    none. Label names that nothing maps are logged by name with their count of files (those
+    files are predicted, unlabelled)."""
     csv_path = find_label_csv(root, labels_csv)
     from_csv = read_label_csv(csv_path) if csv_path else {}
-    labels = {}
+    labels: dict[Path, str | None] = {}
+    unknown: Counter = Counter()
     for f in files:
-        rel = f.relative_to(root)
-        labels[f] = folder_label(f, root) or from_csv.get(rel.as_posix(), from_csv.get(f.name))
+        raw = from_csv.get(f.relative_to(root).as_posix(), from_csv.get(f.name))
+        labels[f] = label_map.folder(f, root) or (label_map(raw) if raw is not None else None)
+        if labels[f] is None and (name := raw if raw is not None else unlabelled_folder(f, root)):
+            unknown[name] += 1
+    if unknown:
+        log.warning(
+            "%s; these files are predicted without a label", label_map.unknown_report(unknown)
+        )
     return labels
+
+
+def print_outcome(results: list[ImageResult], root: Path, metrics: dict[str, float]) -> None:
+    """One file: its class and probabilities. A folder: the accuracies its labels allow."""
+    if len(results) == 1 and not (r := results[0]).failed:
+        probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(CLASSES, r.probs, strict=True))
+        print(
+            f"{r.path}: {CLASSES[r.predicted]} ({probs}; carcinoma {r.carcinoma_prob:.3f}) "
+            f"from {r.n_patches} patches"
+        )
+    views = (
+        ("4-class", "image_accuracy", "n_images"),
+        ("2-class", "carcinoma_accuracy", "carcinoma_n_images"),
+    )
+    for view, accuracy, n in views:
+        if f"predict/{accuracy}" in metrics:
+            print(
+                f"{view} image accuracy on {root}: {metrics[f'predict/{accuracy}']:.3f} "
+                f"({metrics[f'predict/{n}']} images)"
+            )
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -64,7 +92,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.predict.input:
         raise ConfigError("set predict.input=<image file or folder> (make predict INPUT=...)")
     root, files = find_inputs(Path(cfg.predict.input).expanduser().resolve())
-    labels = labels_for(root, files, cfg.predict.labels_csv)
+    labels = labels_for(
+        root, files, cfg.predict.labels_csv, LabelMap(cfg.predict.label_map, "predict.label_map")
+    )
     lineage = Lineage(cfg)
     datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()
@@ -79,8 +109,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     def report() -> dict[str, float]:
         results = []
         for f, image_id in zip(files, dataset.image_ids, strict=True):
-            label = None if labels[f] is None else CLASSES.index(labels[f])
-            results.append(image_result(outputs[image_id], str(f), label))
+            result = image_result(outputs[image_id], str(f), None)
+            if labels[f] in CLASSES:
+                result.label = CLASSES.index(labels[f])
+            elif labels[f] in GROUPS:
+                result.label_group = GROUPS.index(labels[f])
+            results.append(result)
         index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
         written, metrics = publish_report(
             cfg,
@@ -93,8 +127,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "predict",
             out_dir / ".parts",
         )
-        if "predict/image_accuracy" in metrics:
-            print(f"image accuracy on {root}: {metrics['predict/image_accuracy']:.3f}")
+        print_outcome(results, root, metrics)
         print(f"predictions: {written.predictions_csv}")
         failed = [r for r in results if r.error]
         for r in failed:

@@ -1,0 +1,99 @@
+"""Label names as data sets spell them, mapped onto the four classes or BACH's two groups.
+
+BACH scores a 2-class task beside the 4-class one: carcinoma (InSitu + Invasive) against
+non-carcinoma (Normal + Benign). External sets often have only that (``Benign``/``Malignant``)
+or other names for the classes; a label map (``data.label_map``, ``predict.label_map``) says
+what their names mean. A name nothing maps is reported with its count of files, never
+dropped silently.
+"""
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+from breastnet import CLASSES
+from breastnet.errors import ConfigError
+
+CARCINOMA: tuple[str, ...] = ("InSitu", "Invasive")
+GROUPS: tuple[str, ...] = ("non_carcinoma", "carcinoma")  # the 2-class view; 1 is positive
+
+_ALIASES = {
+    "normal": "Normal",
+    "benign": "Benign",
+    "insitu": "InSitu",
+    "insitucarcinoma": "InSitu",
+    "invasive": "Invasive",
+    "invasivecarcinoma": "Invasive",
+    "carcinoma": "carcinoma",
+    "noncarcinoma": "non_carcinoma",
+}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z]", "", name.lower())
+
+
+def canonical_label(name: str) -> str | None:
+    """Map a folder or CSV spelling ('in_situ', 'In Situ', 'INVASIVE') to a class name."""
+    label = _ALIASES.get(_key(name))
+    return label if label in CLASSES else None
+
+
+def group_of(label: str) -> str:
+    """The 2-class group of a class or group name."""
+    if label in GROUPS:
+        return label
+    return GROUPS[label in CARCINOMA]
+
+
+class LabelMap:
+    """A data set's label names onto class or group names: the built-in spellings, then a
+    user map whose keys match the same way (case, spaces and punctuation ignored)."""
+
+    def __init__(
+        self,
+        mapping: Mapping[str, str] | None = None,
+        setting: str = "label_map",
+        groups: bool = True,
+    ) -> None:
+        """``groups=False`` for training, which needs the four classes: a group name (built
+        in or mapped to) is then unknown, and a map onto a group a ``ConfigError``."""
+        self.setting = setting
+        self.targets = (*CLASSES, *GROUPS) if groups else CLASSES
+        self.names = {k: v for k, v in _ALIASES.items() if v in self.targets}
+        for raw, target in (mapping or {}).items():
+            known = _ALIASES.get(_key(str(target)))
+            if known not in self.targets:
+                raise ConfigError(
+                    f"{setting}: {raw!r} maps to {target!r}, which is not one of "
+                    f"{', '.join(self.targets)}"
+                )
+            self.names[_key(str(raw))] = known
+
+    def __call__(self, name: str) -> str | None:
+        """The class or group name ``name`` stands for; None when nothing maps it."""
+        return self.names.get(_key(name))
+
+    def folder(self, path: Path, root: Path) -> str | None:
+        """Label from the nearest enclosing folder under ``root`` that names one."""
+        for parent in path.relative_to(root).parents:
+            if parent.name and (label := self(parent.name)):
+                return label
+        return None
+
+    def unknown_report(self, unknown: Counter) -> str:
+        """One line naming each unknown label with its count of files, and the fix."""
+        names = ", ".join(f"{name!r} ({n} file{'s' * (n != 1)})" for name, n in unknown.items())
+        example = f"{{{next(iter(unknown))}: {self.targets[-1]}}}"
+        return (
+            f"labels that are not one of {', '.join(self.targets)}: {names}; map them, "
+            f"e.g. {self.setting}='{example}'"
+        )
+
+
+def unlabelled_folder(path: Path, root: Path) -> str | None:
+    """The top folder a file sits in under ``root`` (what a class folder would be), None for
+    a file directly in ``root``: the name an unknown label is reported by."""
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
