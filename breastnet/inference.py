@@ -6,6 +6,7 @@ of prepare. A new image goes through exactly the steps a training image went thr
 DataLoader workers, and ``breastnet.prediction`` runs the models on every rank.
 """
 
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -79,15 +80,22 @@ def image_embedder(cfg: DictConfig, lineage: Lineage, image_model: ImageClassifi
 
 
 class ImageFiles(Dataset):
-    """Image files decoded, stain-normalised and tiled (in DataLoader workers), for predict.
+    """Image files rescaled, stain-normalised and tiled (in DataLoader workers), for predict.
 
-    A file that cannot be used yields no patches and its ``error``; the others go on.
+    ``mpps`` is each file's pixel size (None: already at ``tiling.mpp``). A file that cannot
+    be used yields no patches and its ``error``; the others go on.
     """
 
     def __init__(
-        self, files: list[Path], root: Path, tiling: Tiling, stain: StainSettings
+        self,
+        files: list[Path],
+        root: Path,
+        tiling: Tiling,
+        stain: StainSettings,
+        mpps: Sequence[float | None] | None = None,
     ) -> None:
         self.files, self.tiling, self.stain = files, tiling, stain
+        self.mpps = list(mpps) if mpps is not None else [None] * len(files)
         self.image_ids = [f.relative_to(root).with_suffix("").as_posix() for f in files]
 
     def __len__(self) -> int:
@@ -100,10 +108,15 @@ class ImageFiles(Dataset):
 
     def tile(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of file ``i``."""
-        return normalise_and_tile(read_rgb(self.files[i])[0], self.tiling, self.normalizer)
+        image = read_rgb(self.files[i])[0]
+        return normalise_and_tile(image, self.tiling, self.normalizer, self.mpps[i])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        sample: dict[str, Any] = {"image_id": self.image_ids[i], "y": -1}
+        sample: dict[str, Any] = {
+            "image_id": self.image_ids[i],
+            "y": -1,
+            "mpp": float(self.mpps[i] or self.tiling.mpp),  # the pixel size it was taken at
+        }
         try:
             patches, positions = self.tile(i)
         except (DataError, ValueError) as e:

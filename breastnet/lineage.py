@@ -8,7 +8,7 @@ inputs, computed from the config and the data set's index alone (no DataModule, 
     inner    <- split, inner fold k of K (the out-of-fold patch models)
     stain    <- stain settings, the reference (auto: the data fingerprint; train: the split;
                 a file: its sha1)
-    cache    <- index key, stain, tiling
+    cache    <- index key, stain, tiling (pixel size and fit rule when not the defaults)
     patch    <- cache, split (or inner split), augmentation, global batch, patch model,
                 training settings, seed
     features <- patch, TTA; out-of-fold: the number of inner patch models
@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from breastnet.artifacts import config_hash
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
+from breastnet.data.resolution import BACH_MPP
 from breastnet.data.splits import inner_name, split_name
 
 # Trainer keys that say where a run executes, not what it learns: left out of model keys.
@@ -111,12 +112,15 @@ def stain_settings(stain: Any, entries: list[IndexEntry], split: str) -> dict:
 def cache_dir(work_dir: Path, data: Mapping[str, Any], stain: dict) -> Path:
     """``work_dir/cache/<key>``: the data set (``data`` is ``cfg.data`` or the DataModule's
     settings), its tiling and its stain reference (``stain_settings``)."""
+    tiling = {k: data[k] for k in ("tile_size", "stride", "patch_size")}
+    # Pixel size and fit rule enter only when not BACH's and today's: every work dir made
+    # before they existed keeps its cache and model keys (as oof_folds in the features key).
+    if data["mpp"] != BACH_MPP:
+        tiling["mpp"] = data["mpp"]
+    if data["fit"] != "trim":
+        tiling["fit"] = data["fit"]
     key = config_hash(
-        {
-            "data": index_key(data["data_dir"], data["labels_csv"]),
-            "tiling": {k: data[k] for k in ("tile_size", "stride", "patch_size")},
-            "stain": stain,
-        }
+        {"data": index_key(data["data_dir"], data["labels_csv"]), "tiling": tiling, "stain": stain}
     )
     return Path(work_dir) / "cache" / key
 

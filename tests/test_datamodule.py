@@ -63,7 +63,13 @@ def test_prepare_writes_index_split_reference_and_cache(make_dm) -> None:
     assert record["positions"][:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
     assert dm.summary()["data/n_patches"] == 240.0
     cache_json = json.loads((dm.cache.root / "cache.json").read_text())
-    assert cache_json["tiling"] == {"tile_size": 64, "stride": 64, "patch_size": 32}
+    assert cache_json["tiling"] == {
+        "tile_size": 64,
+        "stride": 64,
+        "patch_size": 32,
+        "mpp": 0.42,
+        "fit": "trim",
+    }
     assert len(cache_json["stain"]["reference"]["stain_matrix"]) == 2
 
 

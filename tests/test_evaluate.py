@@ -117,7 +117,11 @@ def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: 
     Image.open(tiny).resize((20, 20)).save(tiny)
     out = tmp_path / "out"
     cfg = cfg_for(
-        trained, "stages=[predict]", f"predict.input={folder}", f"predict.output_dir={out}"
+        trained,
+        "stages=[predict]",
+        f"predict.input={folder}",
+        f"predict.output_dir={out}",
+        "predict.fit=trim",  # the default, overlap, would pad the tiny image to one tile
     )
     with pytest.raises(DataError, match="2 of 10 file"):
         run_stages(cfg)

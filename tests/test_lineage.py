@@ -28,6 +28,11 @@ DOWNSTREAM = {a: set(ARTIFACTS[ARTIFACTS.index(a) :]) for a in ARTIFACTS}
 # override -> the artifacts whose keys it must change (all others must stay)
 TABLE = {
     "data.tile_size=16": DOWNSTREAM["cache"],
+    "data.mpp=0.25": DOWNSTREAM["cache"],
+    "data.fit=overlap": DOWNSTREAM["cache"],
+    # predict's own tiling settings: the trained models must still be found
+    "predict.fit=trim": set(),
+    "predict.mpp=0.3": set(),
     "stain=none": DOWNSTREAM["cache"],
     "data.split_seed=7": DOWNSTREAM["split"] - {"cache"},
     "data.groups=blocks:1": DOWNSTREAM["split"] - {"cache"},
@@ -81,7 +86,14 @@ def test_what_a_change_moves(indexed: tuple[Path, Path], override: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "override", ["stain=none", "data.groups=blocks:1", "data.folds=2", "stain.reference=train"]
+    "override",
+    [
+        "stain=none",
+        "data.groups=blocks:1",
+        "data.folds=2",
+        "stain.reference=train",
+        "data.fit=pad",
+    ],
 )
 def test_the_datamodule_uses_the_lineage_paths(indexed: tuple[Path, Path], override: str) -> None:
     """Prepare writes the split and cache where the lineage says later stages find them."""

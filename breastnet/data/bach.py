@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from breastnet import CLASSES
 from breastnet.artifacts import atomic_write, config_hash
+from breastnet.data.resolution import read_mpp, scale_factor, scaled_size
 from breastnet.errors import UserError
 from breastnet.labels import LabelMap, canonical_label, unlabelled_folder
 
@@ -49,6 +50,7 @@ class IndexEntry:
     mtime_ns: int = 0
     error: str = ""
     duplicate_of: str = ""
+    mpp: float = 0.0  # µm per pixel from the file's TIFF tags; 0: none (taken as data.mpp)
 
     @property
     def usable(self) -> bool:
@@ -141,6 +143,7 @@ def build_index(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
     min_size: int = 1,
+    mpp: float | None = None,
     skip_bad: bool = False,
     num_workers: int = 2,
     previous: list[IndexEntry] | None = None,
@@ -152,7 +155,10 @@ def build_index(
         data_dir: a BACH layout (class folders, optionally under ``Photos/``).
         labels_csv: ``file,label`` CSV; BACH's ``microscopy_ground_truth.csv`` is used when
             found in ``data_dir`` or ``data_dir/Photos``. Must agree with the folders.
-        min_size: smallest allowed width/height (one tile).
+        min_size: smallest allowed width/height at ``mpp`` (one tile; 1 when the fit rule
+            pads small images).
+        mpp: the tiling's pixel size: a file whose tags give another is checked at the size
+            it is rescaled to. None: as it is.
         skip_bad: leave bad files out with a warning instead of failing.
         num_workers: threads that decode images (PIL releases the GIL while decoding).
         previous: an earlier index; unchanged files are not decoded again.
@@ -198,15 +204,24 @@ def build_index(
             found["error"] = entry.error or found["error"]  # a label error comes first
             _update(entry, found)
 
-    sides = [min(e.width, e.height) for e in entries if not e.error]
-    too_small = 0
+    sides, too_small = [], 0
     for e in entries:
-        if not e.error and min(e.width, e.height) < min_size:
+        if e.error:
+            continue
+        e.mpp = read_mpp(e.path) or 0.0  # header only; an index from before mpp lacks it
+        width, height = _tiled_size(e, mpp)
+        sides.append(min(width, height))
+        if min(width, height) < min_size:
+            at = (
+                f" ({width}x{height} at {mpp} µm/px)"
+                if (width, height) != (e.width, e.height)
+                else ""
+            )
             e.error = (
-                f"{e.path}: image {e.width}x{e.height} is smaller than one {min_size} px tile"
+                f"{e.path}: image {e.width}x{e.height}{at} is smaller than one {min_size} px tile"
             )
             too_small += 1
-        if not e.error and e.mode != "RGB":
+        elif e.mode != "RGB":
             log.warning("%s: %s image converted to RGB", e.path, e.mode)
     problems += [e.error for e in entries if e.error]
     if problems and not skip_bad:
@@ -226,6 +241,12 @@ def build_index(
 _VALIDATED = ("width", "height", "mode", "sha1", "file_size", "mtime_ns")
 
 
+def _tiled_size(entry: IndexEntry, mpp: float | None) -> tuple[int, int]:
+    """(width, height) of the image once rescaled from its own pixel size to ``mpp``."""
+    factor = scale_factor(entry.mpp, mpp) if mpp else 1.0
+    return scaled_size(entry.width, entry.height, factor)
+
+
 def _advice(n_images: int, n_problems: int, too_small: int, smallest: int, min_size: int) -> str:
     """What to do about the problems: ``skip_bad`` only while it would keep most images.
 
@@ -239,8 +260,9 @@ def _advice(n_images: int, n_problems: int, too_small: int, smallest: int, min_s
     return (
         f"{too_small} of {n_images} images are smaller than one data.tile_size={min_size} px "
         f"tile: the tiling does not fit this data. Set data.tile_size and data.stride to at "
-        f"most {smallest} px, or, for the generated demo images, add experiment=demo "
-        f"(make: ARGS=experiment=demo).{others}"
+        f"most {smallest} px, or data.fit=pad or overlap to pad small images with white, or, "
+        f"for the generated demo images, add experiment=demo (make: ARGS=experiment=demo)."
+        f"{others}"
     )
 
 
@@ -347,10 +369,10 @@ def write_index(path: Path, entries: list[IndexEntry]) -> None:
 
 def read_index(path: Path) -> list[IndexEntry]:
     """Read ``index.csv`` written by :func:`write_index`."""
-    ints = {"width", "height", "file_size", "mtime_ns"}
+    types = {"width": int, "height": int, "file_size": int, "mtime_ns": int, "mpp": float}
     with open(path, newline="") as f:
         return [
-            IndexEntry(**{k: int(v) if k in ints else v for k, v in row.items()})
+            IndexEntry(**{k: types.get(k, str)(v) for k, v in row.items()})
             for row in csv.DictReader(f)
         ]
 

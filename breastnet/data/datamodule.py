@@ -23,6 +23,7 @@ from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
 from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, pad_collate
 from breastnet.data.reference import stain_reference
+from breastnet.data.resolution import BACH_MPP
 from breastnet.data.sampling import EpochShuffle
 from breastnet.data.splits import SIDES, load_or_make_split
 from breastnet.data.store import PatchCache, StainSettings, Tiling
@@ -54,6 +55,8 @@ class BreastDataModule(pl.LightningDataModule):
         tile_size: int = 512,
         stride: int = 512,
         patch_size: int = 299,
+        mpp: float = BACH_MPP,
+        fit: str = "trim",
         min_tissue: float = 0.05,
         skip_bad: bool = False,
         batch_size: int = 32,
@@ -72,7 +75,7 @@ class BreastDataModule(pl.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.work_dir = Path(work_dir).expanduser().resolve()
-        self.tiling = Tiling(tile_size, stride, patch_size)
+        self.tiling = Tiling(tile_size, stride, patch_size, mpp, fit)
         self.datasets: dict[str, Dataset] = {}
         self.entries: list[IndexEntry] = []
         self.split: dict[str, list[str]] = {}
@@ -108,7 +111,8 @@ class BreastDataModule(pl.LightningDataModule):
         entries = bach.build_index(
             self.data_dir,
             hp.labels_csv,
-            min_size=hp.tile_size,
+            min_size=hp.tile_size if hp.fit == "trim" else 1,  # pad and overlap take any size
+            mpp=hp.mpp,
             skip_bad=hp.skip_bad,
             num_workers=hp.prepare_workers,
             previous=previous,

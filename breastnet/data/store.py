@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 from breastnet.artifacts import save_npy, write_json
 from breastnet.data.bach import DataError, IndexEntry, read_rgb
+from breastnet.data.resolution import BACH_MPP, rescale
 from breastnet.data.stain import MacenkoNormalizer, StainReference
-from breastnet.data.tiling import tile_image
+from breastnet.data.tiling import FITS, tile_image
+from breastnet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,29 @@ TISSUE_LUMINOSITY = 0.8  # staintools' tissue mask: LAB lightness below 80 %
 
 @dataclass(frozen=True)
 class Tiling:
-    """How an image becomes patches: ``tile_size`` px of the source, resized to ``patch_size``."""
+    """How an image becomes patches: ``tile_size`` px at ``mpp`` µm/px every ``stride`` px,
+    sides fitted by the ``fit`` rule (``breastnet.data.tiling``), resized to ``patch_size``.
+
+    Sizes are pixels at ``mpp``, not of the file: an image at another pixel size is rescaled
+    to ``mpp`` first, so a tile always covers ``tile_um`` microns of tissue.
+    """
 
     tile_size: int = 512
     stride: int = 512
     patch_size: int = 299
+    mpp: float = BACH_MPP
+    fit: str = "trim"
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ConfigError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
+        if self.mpp <= 0:
+            raise ConfigError(f"data.mpp must be a pixel size in µm (> 0), got {self.mpp}")
+
+    @property
+    def tile_um(self) -> float:
+        """Side of one tile in microns (215 µm for BACH's 512 px at 0.42 µm/px)."""
+        return self.tile_size * self.mpp
 
 
 @dataclass(frozen=True)
@@ -65,18 +85,26 @@ def tissue_fraction(patches: np.ndarray) -> np.ndarray:
 
 
 def normalise_and_tile(
-    image: np.ndarray, tiling: Tiling, normalizer: MacenkoNormalizer | None
+    image: np.ndarray,
+    tiling: Tiling,
+    normalizer: MacenkoNormalizer | None,
+    mpp: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The one path from a decoded RGB image to its patches, for prepare and predict alike."""
+    """The one path from a decoded RGB image to its patches, for prepare and predict alike.
+
+    ``mpp`` is the image's own pixel size (None: already at ``tiling.mpp``); it is rescaled
+    before the stain is fitted, so normalisation sees the tissue as the tiles will.
+    """
+    image = rescale(image, mpp, tiling.mpp)
     if normalizer is not None:
         image = normalizer.transform(image)
-    return tile_image(image, tiling.tile_size, tiling.stride, tiling.patch_size)
+    return tile_image(image, tiling.tile_size, tiling.stride, tiling.patch_size, tiling.fit)
 
 
 def _prepare_one(entry: IndexEntry, out: Path, tiling: Tiling, stain: StainSettings) -> dict:
     """Worker: read, normalise, tile and store one image; returns its manifest record."""
     image, _ = read_rgb(entry.path)
-    patches, positions = normalise_and_tile(image, tiling, stain.normalizer())
+    patches, positions = normalise_and_tile(image, tiling, stain.normalizer(), entry.mpp or None)
     save_npy(out, patches)
     return {
         "image_id": entry.image_id,

@@ -8,6 +8,7 @@ test set. A file that cannot be used gets a row with its error and the others go
 fails at the end, after writing everything, when any file did.
 """
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from breastnet import CLASSES
 from breastnet.data.bach import DataError, find_images, find_label_csv, read_label_csv
 from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.resolution import read_mpp
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
 from breastnet.inference import ImageFiles, image_embedder, image_result, load_image_model
@@ -99,7 +101,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()
     model = load_image_model(cfg, lineage)
-    dataset = ImageFiles(files, root, datamodule.tiling, datamodule.stain)
+    # The models' tiling, fitted to any image size; the lineage keys stay the training ones.
+    tiling = dataclasses.replace(datamodule.tiling, fit=cfg.predict.fit)
+    mpps = [cfg.predict.mpp or read_mpp(f) for f in files]
+    dataset = ImageFiles(files, root, tiling, datamodule.stain, mpps)
     out_dir = Path(cfg.predict.output_dir)
     parts = out_dir / ".parts" / lineage.image.name
     outputs = predict_images(
