@@ -109,6 +109,7 @@ def _prepare_one(entry: IndexEntry, out: Path, tiling: Tiling, stain: StainSetti
     return {
         "image_id": entry.image_id,
         "sha1": entry.sha1,
+        "mpp": entry.mpp,
         "shape": list(patches.shape),
         "positions": positions.tolist(),
         "tissue": np.round(tissue_fraction(patches), 4).tolist(),
@@ -142,14 +143,16 @@ class PatchCache:
         return np.load(self.path(image_id), mmap_mode="r")
 
     def missing(self, entries: Iterable[IndexEntry]) -> list[IndexEntry]:
-        """Entries without a finished, current (same content hash) array."""
+        """Entries without a finished, current array: the same content hash and pixel size
+        (its tags'; 0 without tags, as in records made before pixel sizes were read)."""
         records = self.records()
-        return [
-            e
-            for e in entries
-            if records.get(e.image_id, {}).get("sha1") != e.sha1
-            or not self.path(e.image_id).is_file()
-        ]
+
+        def current(e: IndexEntry) -> bool:
+            record = records.get(e.image_id, {})
+            made = (record.get("sha1"), record.get("mpp", 0.0))
+            return made == (e.sha1, e.mpp) and self.path(e.image_id).is_file()
+
+        return [e for e in entries if not current(e)]
 
     def build(
         self,

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet import CLASSES
+from breastnet.artifacts import config_hash
 from breastnet.data.bach import DataError, find_images, find_label_csv, read_label_csv
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.resolution import read_mpp
@@ -106,15 +107,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     mpps = [cfg.predict.mpp or read_mpp(f) for f in files]
     dataset = ImageFiles(files, root, tiling, datamodule.stain, mpps)
     out_dir = Path(cfg.predict.output_dir)
-    parts = out_dir / ".parts" / lineage.image.name
+    # An interrupted run resumes with the parts made under the same models, fit and pixel size
+    settings = config_hash({"fit": tiling.fit, "mpp": cfg.predict.mpp})
+    parts = out_dir / ".parts" / f"{lineage.image.name}-{settings}"
     outputs = predict_images(
         cfg, image_embedder(cfg, lineage, model), dataset, dataset.image_ids, parts, "predict"
     )
 
     def report() -> dict[str, float]:
         results = []
-        for f, image_id in zip(files, dataset.image_ids, strict=True):
+        for f, image_id, mpp in zip(files, dataset.image_ids, mpps, strict=True):
             result = image_result(outputs[image_id], str(f), None)
+            result.mpp = mpp or tiling.mpp
             if labels[f] in CLASSES:
                 result.label = CLASSES.index(labels[f])
             elif labels[f] in GROUPS:
