@@ -25,7 +25,13 @@ from breastnet.data.bach import (
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
-from breastnet.inference import ImageFiles, image_embedder, image_result, load_image_model
+from breastnet.inference import (
+    ImageFiles,
+    image_embedder,
+    image_result,
+    load_image_model,
+    used_checkpoints,
+)
 from breastnet.lineage import Lineage
 from breastnet.prediction import predict_images
 from breastnet.stages.common import publish_report
@@ -92,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             datamodule.hparams.min_tissue,
             "predict",
             out_dir / ".parts",
+            checkpoints=used_checkpoints(lineage, model),
         )
         if "predict/image_accuracy" in metrics:
             print(f"image accuracy on {root}: {metrics['predict/image_accuracy']:.3f}")
