@@ -8,12 +8,14 @@ import sys
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
 import breastnet
+from breastnet.inference import used_checkpoints
 from breastnet.provenance import config_yaml, git_state, resolved
 from breastnet.stages.common import publish_report
 
@@ -82,3 +84,11 @@ def test_unresolvable_values_stay_as_written(monkeypatch: pytest.MonkeyPatch) ->
     expected = {"a": 1, "b": 1, "c": {"d": "${oc.env:BREASTNET_UNSET}", "e": [1, "???"]}}
     assert resolved(cfg) == expected
     assert yaml.safe_load(config_yaml(cfg)) == expected
+
+
+def test_end_to_end_models_have_no_separate_patch_checkpoint(tmp_path: Path) -> None:
+    lineage = SimpleNamespace(patch=tmp_path / "patch", image=tmp_path / "image")
+    on_features = used_checkpoints(lineage, SimpleNamespace(backbone=None))
+    assert on_features == [tmp_path / "patch" / "best.ckpt", tmp_path / "image" / "best.ckpt"]
+    end_to_end = used_checkpoints(lineage, SimpleNamespace(backbone=object()))
+    assert end_to_end == [tmp_path / "image" / "best.ckpt"]
