@@ -69,6 +69,14 @@ def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
     return model.eval()
 
 
+def used_checkpoints(lineage: Lineage, image_model: ImageClassifier) -> list[Path]:
+    """The checkpoints behind the image model's outputs, for a report's provenance: the patch
+    model's, which embedded the patches (cached features or ``image_embedder``), unless the
+    image model has its own CNN (end to end), and the image model's."""
+    patch = [] if image_model.backbone is not None else [lineage.patch / "best.ckpt"]
+    return [*patch, lineage.image / "best.ckpt"]
+
+
 def image_embedder(cfg: DictConfig, lineage: Lineage, image_model: ImageClassifier) -> Embedder:
     """Patches to image probabilities: end to end with the image model's own CNN (single
     views, as it learnt), else with the patch model's and the features stage's TTA setting."""

@@ -12,6 +12,7 @@ import pytest
 
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError
+from breastnet.lineage import Lineage
 from breastnet.synthetic import write_synthetic_dataset
 
 from conftest import SMALL_RUN, compose_config
@@ -83,6 +84,11 @@ def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
     assert all(m["train_id"] in train["train"] for m in closest)
     assert "audit_pairs.png" in pngs and "Closest training images" in page
     assert split["text"] in page
+    # The checkpoints behind the numbers: the patch CNN made the cached features.
+    lineage = Lineage(cfg_for(trained))
+    used = [str(lineage.patch / "best.ckpt"), str(lineage.image / "best.ckpt")]
+    assert [c["path"] for c in saved["provenance"]["checkpoints"]] == used
+    assert (report / "config.yaml").is_file() and "<h2>Provenance</h2>" in page
 
 
 def test_predict_on_raw_files_matches_evaluate(trained, tmp_path: Path) -> None:
@@ -149,6 +155,8 @@ def test_predict_unlabelled_file_has_no_metrics(trained, tmp_path: Path) -> None
     (row,) = read_rows(out / "predictions.csv")
     assert row["label"] == "" and row["predicted"] in ("Normal", "Benign", "InSitu", "Invasive")
     assert not (out / "metrics.json").exists()
+    facts = json.loads((out / "provenance.json").read_text())
+    assert [Path(c["path"]).name for c in facts["checkpoints"]] == ["best.ckpt", "best.ckpt"]
 
 
 def wandb_records(path: Path) -> Iterator[bytes]:

@@ -27,7 +27,8 @@ def test_report_metrics_equal_classification_metrics(report) -> None:
     saved = json.loads((rep.out_dir / "metrics.json").read_text())
     assert saved == rep.metrics == expected | {"n_errors": 1}
     assert saved["n_images"] == 12 and saved["n_patches"] == 12 * 8
-    assert rep.misclassified == [r.image_id for r in ok if r.predicted != r.label]
+    wrong = sorted((r for r in ok if r.predicted != r.label), key=lambda r: -r.probs.max())
+    assert rep.misclassified == [r.image_id for r in wrong]
 
 
 def test_predictions_csv(report) -> None:
@@ -52,7 +53,7 @@ def test_predictions_csv(report) -> None:
 def test_figures_are_real_pngs(report) -> None:
     rep, results = report
     ok = [r for r in results if r.error is None]
-    wrong = [r.image_id for r in ok if r.predicted != r.label]
+    wrong = rep.misclassified
     heatmap_ids = (wrong + [r.image_id for r in ok if r.image_id not in wrong])[:3]
     assert set(rep.figures) == {"confusion_matrix", "roc", "tsne", "patch_grid"} | {
         f"heatmap/{i}" for i in heatmap_ids
@@ -82,3 +83,19 @@ def test_no_labels_gives_predictions_but_no_metrics(tmp_path: Path) -> None:
     assert rows[0]["predicted"] == CLASSES[results[0].predicted]
     page = rep.html.read_text()
     assert "No labels" in page and "Misclassified" not in page and results[0].image_id in page
+
+
+def test_most_confident_errors_get_heatmaps_first(tmp_path: Path) -> None:
+    results, store = synthetic_results(n=8)
+    wrong = {1: 0.5, 4: 0.6, 7: 0.95}  # image -> p(its wrong prediction); the surest last
+    for i, r in enumerate(results[:-1]):
+        predicted, p = ((r.label + 1) % 4, wrong[i]) if i in wrong else (r.label, 0.7)
+        r.probs = np.full(4, (1 - p) / 3)
+        r.probs[predicted] = p
+    rep = write_report(tmp_path, results, patches=store.__getitem__, n_examples=4)
+    expected = [results[i].image_id for i in (7, 4, 1, 0)]
+    drawn = [name.removeprefix("heatmap/") for name in rep.figures if name.startswith("heatmap/")]
+    assert drawn == expected and rep.misclassified == expected[:3]
+    page = rep.html.read_text()
+    captions = [page.index(f"{i}: per-class patch probabilities") for i in expected]
+    assert captions == sorted(captions)

@@ -8,7 +8,9 @@ shown come from ``breastnet.report.metrics``.
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib import colormaps
@@ -17,7 +19,7 @@ from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
 from breastnet.artifacts import atomic_write
-from breastnet.data.bach import read_rgb
+from breastnet.data.bach import DataError, read_rgb
 from breastnet.report.result import ImageResult
 
 DPI = 120
@@ -86,25 +88,40 @@ def plot_roc(
     return _save(fig, path)
 
 
+class TsnePlot(NamedTuple):
+    """The t-SNE figure and how many patches it marks as misclassified."""
+
+    path: Path
+    n_misclassified: int
+
+
 def plot_tsne(
     results: list[ImageResult], classes: Sequence[str], min_tissue: float, seed: int, path: Path
-) -> Path | None:
-    """t-SNE of patch features coloured by image class; None when too few patches."""
-    features, colour, used = [], [], []
+) -> TsnePlot | None:
+    """t-SNE of patch features coloured by image class, misclassified patches (labelled
+    images) drawn as crosses: where they fall shows which classes the CNN confuses. None when
+    there are too few patches."""
+    features, colour, wrong, used = [], [], [], []
     for r in results:
         if r.features is None:
             continue
         used.append(r)
         features.append(r.tissue_patches(np.asarray(r.features, dtype=np.float32), min_tissue))
         colour.append(np.full(len(features[-1]), r.predicted if r.label is None else r.label))
+        scored = r.label is not None and r.patch_probs is not None
+        wrong.append(
+            r.tissue_patches(np.argmax(r.patch_probs, axis=1), min_tissue) != r.label
+            if scored
+            else np.zeros(len(features[-1]), bool)
+        )
     if not features:
         return None
-    x, y = np.concatenate(features), np.concatenate(colour)
+    x, y, wrong = np.concatenate(features), np.concatenate(colour), np.concatenate(wrong)
     if len(x) < TSNE_MIN_PATCHES:
         return None
     if len(x) > TSNE_MAX_PATCHES:
         pick = np.sort(np.random.default_rng(seed).choice(len(x), TSNE_MAX_PATCHES, replace=False))
-        x, y = x[pick], y[pick]
+        x, y, wrong = x[pick], y[pick], wrong[pick]
 
     perplexity = min(30.0, (len(x) - 1) / 3)
     embedded = TSNE(perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
@@ -113,13 +130,14 @@ def plot_tsne(
     for c, name in enumerate(classes):
         mine = y == c
         if mine.any():
-            ax.scatter(
-                *embedded[mine].T,
-                s=10,
-                alpha=0.7,
-                color=_PALETTE[c % 10],
-                label=f"{name} ({int(mine.sum())})",
-            )
+            colour = _PALETTE[c % 10]
+            label = f"{name} ({int(mine.sum())})"
+            ax.scatter(*embedded[mine & ~wrong].T, s=10, alpha=0.7, color=colour, label=label)
+            ax.scatter(*embedded[mine & wrong].T, s=14, alpha=0.9, color=colour, marker="x")
+    n_wrong = int(wrong.sum())
+    if n_wrong:  # one legend entry for the crosses of every class
+        label = f"misclassified patch ({n_wrong})"
+        ax.scatter([], [], s=14, color="grey", marker="x", label=label)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel("t-SNE 1")
@@ -129,7 +147,7 @@ def plot_tsne(
     key = keys.get(known, "true class, predicted where unknown")
     ax.set_title(f"t-SNE of {len(x)} patch features\n(colour: {key})")
     ax.legend(title="class (patches)", markerscale=2, loc="best")
-    return _save(fig, path)
+    return TsnePlot(_save(fig, path), n_wrong)
 
 
 def _montage(
@@ -171,6 +189,13 @@ class TileCache:
         return self.loaded[r.image_id]
 
 
+def _thumbnail(path: str | Path, size: int) -> np.ndarray:
+    """An image file read from disk, shrunk by striding to about ``size`` px (for display)."""
+    image = read_rgb(path)[0]
+    step = max(1, max(image.shape[:2]) // size)
+    return image[::step, ::step]
+
+
 def _headline(r: ImageResult, classes: Sequence[str]) -> str:
     truth = "" if r.label is None else f"true {classes[r.label]}, "
     return f"{r.image_id}: {truth}predicted {classes[r.predicted]} ({r.probs[r.predicted]:.2f})"
@@ -209,13 +234,18 @@ def _grid_values(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path: Path) -> Path:
-    """The image beside one per-class patch-probability overlay (and attention, if any)."""
+    """The file as read from disk (when it still reads, so a stain-normalisation artefact
+    can be told from tissue), its patches as tiled, one per-class patch-probability overlay
+    each, and attention, if any."""
     positions = np.asarray(r.positions, dtype=int)
     image, _ = _montage(tiles, positions, max_side=480)
     # Overlays go on a grey copy: the colour scale then reads without the stain's pinks.
     grey = image @ np.array([0.299, 0.587, 0.114])
     extent = (0, image.shape[1], image.shape[0], 0)
-    n_panels = 1 + len(classes) + (r.attention is not None)
+    pictures = [(image, "the patches, as tiled")]
+    with suppress(DataError):  # moved or deleted since: the rest of the figure still holds
+        pictures.insert(0, (_thumbnail(r.path, 480), "the file, as read"))
+    n_panels = len(pictures) + len(classes) + (r.attention is not None)
     ncols = min(n_panels, 3)
     nrows = math.ceil(n_panels / ncols)
     width = 3.0 * ncols + 1.0
@@ -224,8 +254,9 @@ def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path
     axes = list(np.atleast_1d(fig.subplots(nrows, ncols)).ravel())
     for ax in axes:
         ax.set_axis_off()
-    axes[0].imshow(image)
-    axes[0].set_title("the patches, as tiled\n ")
+    for ax, (picture, title) in zip(axes, pictures, strict=False):
+        ax.imshow(picture)
+        ax.set_title(f"{title}\n ")
 
     def overlay(ax: Axes, values: np.ndarray, vmax: float, cmap: str):
         ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
@@ -239,7 +270,7 @@ def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path
             interpolation="nearest",
         )
 
-    class_axes = axes[1 : 1 + len(classes)]
+    class_axes = axes[len(pictures) : len(pictures) + len(classes)]
     for c, (ax, name) in enumerate(zip(class_axes, classes, strict=True)):
         shown = overlay(ax, r.patch_probs[:, c], 1.0, "inferno")
         tags = [t for t, k in (("true", r.label), ("predicted", r.predicted)) if k == c]
@@ -257,7 +288,7 @@ def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path
     )
     if r.attention is not None:
         attention = np.asarray(r.attention, dtype=float)
-        ax = axes[1 + len(classes)]
+        ax = axes[len(pictures) + len(classes)]
         shown = overlay(ax, attention, float(attention.max()) or 1.0, "viridis")
         ax.set_title("attention weight\n ")
         fig.colorbar(shown, ax=ax, shrink=0.8)
@@ -272,9 +303,7 @@ def plot_pairs(pairs: Sequence[dict], path: Path, size: int = 256) -> Path:
     for row, pair in enumerate(pairs):
         for col, (key, side) in enumerate((("image", pair["side"]), ("train", "train"))):
             ax = fig.add_subplot(len(pairs), 2, 2 * row + col + 1)
-            image = read_rgb(pair[f"{key}_path"])[0]
-            step = max(1, max(image.shape[:2]) // size)
-            ax.imshow(image[::step, ::step])
+            ax.imshow(_thumbnail(pair[f"{key}_path"], size))
             ax.set_xticks([])
             ax.set_yticks([])
             name = pair["image_id"] if key == "image" else pair["train_id"]

@@ -40,7 +40,8 @@ window.addEventListener("load", function () {
 _CAPTIONS = {
     "confusion_matrix": "Confusion matrix: rows true class, columns predicted class.",
     "roc": "One-vs-rest ROC curve of each class present in the labels.",
-    "tsne": "t-SNE of patch features, coloured by the class of their image.",
+    "tsne": "t-SNE of patch features, coloured by the class of their image; crosses: patches "
+    "whose own most probable class is not their image's label.",
     "patch_grid": "The patches of one image at their grid positions, numbered row by row.",
 }
 
@@ -175,6 +176,30 @@ def _predictions_html(results: list[ImageResult], classes: Sequence[str]) -> str
     return _table(["image", "path", "true", "predicted", "probability"], rows, numeric={4})
 
 
+def _provenance_html(provenance: dict) -> str:
+    """Which code, config and checkpoints made the numbers (provenance.json has it all)."""
+    commit = provenance["commit"]
+    code = "n/a" if commit is None else commit[:12] + (" (dirty)" if provenance["dirty"] else "")
+    config = provenance.get("config")
+    rows = [
+        ["commit", _esc(code)],
+        ["version", _esc(provenance["version"] or "n/a")],
+        ["created (UTC)", _esc(provenance["created"])],
+        ["experiment", _esc(provenance["experiment"] or "n/a")],
+        ["tags", _esc(", ".join(provenance["tags"] or []) or "n/a")],
+        ["command", f"<code>{_esc(' '.join(provenance['command']))}</code>"],
+        ["config", f'<a href="{_esc(config)}">{_esc(config)}</a>' if config else "n/a"],
+    ]
+    rows += [
+        ["checkpoint", f"{_esc(c['path'])} (sha256 {_esc(c['sha256'])}, {_esc(c['modified'])})"]
+        for c in provenance["checkpoints"]
+    ]
+    return (
+        '<h2>Provenance</h2><p class="muted">Also in <a href="provenance.json">'
+        "provenance.json</a>.</p>" + _table(["what", "value"], rows)
+    )
+
+
 def render_html(
     title: str,
     results: list[ImageResult],
@@ -184,10 +209,11 @@ def render_html(
     misclassified: list[ImageResult],
     classes: Sequence[str],
     split: dict | None = None,
+    provenance: dict | None = None,
 ) -> str:
-    """The page: what was evaluated, metrics, figures, misclassified images with their
-    heatmaps, the closest train/test pairs, predictions and failed files; ``figures`` and
-    ``heatmaps`` are PNG paths, inlined as data URLs."""
+    """The page: what was evaluated, metrics, figures, misclassified images (in the given
+    order) with their heatmaps, the closest train/test pairs, predictions, failed files and
+    provenance; ``figures`` and ``heatmaps`` are PNG paths, inlined as data URLs."""
     failed = [r for r in results if r.failed]
     parts = [
         f"<h1>{_esc(title)}</h1>",
@@ -262,6 +288,8 @@ def render_html(
         parts.append(_table(["image", "path", "error"], rows))
     else:
         parts.append("<p>None.</p>")
+    if provenance is not None:
+        parts.append(_provenance_html(provenance))
 
     body = "\n".join(parts)
     return (

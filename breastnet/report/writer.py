@@ -39,7 +39,8 @@ class Report:
     figures: dict[str, Path]  # name -> PNG path ("confusion_matrix", "heatmap/<image_id>"...)
     predictions_csv: Path
     html: Path
-    misclassified: list[str]  # image ids predicted wrong (the group, when only it is known)
+    # image ids predicted wrong (the group, when only it is known), most confident first
+    misclassified: list[str]
     roc_curves: dict[int, tuple[np.ndarray, np.ndarray]]  # class -> (fpr, tpr), when labelled
 
 
@@ -97,8 +98,10 @@ def write_report(
     n_examples: int = 4,
     seed: int = 0,
     split: dict | None = None,
+    provenance: dict | None = None,
 ) -> Report:
-    """Write metrics.json (when labelled), predictions.csv, PNG figures and index.html.
+    """Write metrics.json (when labelled), predictions.csv, PNG figures and index.html, and
+    provenance.json when given.
 
     Args:
         out_dir: where the files go (created if needed).
@@ -108,11 +111,14 @@ def write_report(
         classes: class names, in index order.
         title: the page title.
         min_tissue: patches with less tissue are left out of patch accuracy and t-SNE.
-        n_examples: how many heatmaps to draw, misclassified images first.
+        n_examples: how many heatmaps to draw: the misclassified images, most confident
+            first (the errors a reader should see first), then the others in input order.
         seed: for the t-SNE and its subsample.
         split: what was evaluated (``breastnet.stages.evaluate``): ``text`` (sides, images
             and source groups), counts, ``near_duplicates`` and the audit's closest ``pairs``
             (with ``image_path``/``train_path``); kept in metrics.json and shown on the page.
+        provenance: where the numbers came from (``breastnet.provenance``); kept in
+            provenance.json and metrics.json and shown on the page.
     """
     out_dir = Path(out_dir)
     ok = [r for r in results if not r.failed]
@@ -134,7 +140,11 @@ def write_report(
         metrics["n_errors"] = len(results) - len(ok)
         if split is not None:
             metrics["split"] = {k: v for k, v in split.items() if k != "pairs"}
+        if provenance is not None:
+            metrics["provenance"] = provenance
         write_json(out_dir / "metrics.json", metrics)
+    if provenance is not None:
+        write_json(out_dir / "provenance.json", provenance)
     predictions_csv = out_dir / "predictions.csv"
     _write_predictions(predictions_csv, results, classes)
 
@@ -149,9 +159,9 @@ def write_report(
         figures["audit_pairs"] = plot_pairs(split["pairs"], out_dir / "audit_pairs.png")
     tsne = plot_tsne(ok, classes, min_tissue, seed, out_dir / "tsne.png")
     if tsne is not None:
-        figures["tsne"] = tsne
+        figures["tsne"] = tsne.path
 
-    misclassified = [r for r in ok if r.wrong]
+    misclassified = sorted((r for r in ok if r.wrong), key=lambda r: -r.probs[r.predicted])
     heatmaps: dict[str, Path] = {}
     if patches is not None:
         tiles = TileCache(patches)  # predict re-tiles an image per call: load each once
@@ -161,16 +171,17 @@ def write_report(
             figures["patch_grid"] = plot_patch_grid(
                 first, tiles(first), classes, out_dir / "patch_grid.png"
             )
-        wrong = {r.image_id for r in misclassified}
-        chosen = [r for r in gridded if r.image_id in wrong]
-        chosen += [r for r in gridded if r.image_id not in wrong]
+        rank = {r.image_id: i for i, r in enumerate(misclassified)}
+        chosen = sorted(gridded, key=lambda r: rank.get(r.image_id, len(rank)))
         taken: set[str] = set()
         for r in chosen[:n_examples]:
             path = out_dir / f"heatmap_{_safe_name(r.image_id, taken)}.png"
             heatmaps[r.image_id] = plot_heatmap(r, tiles(r), classes, path)
             figures[f"heatmap/{r.image_id}"] = heatmaps[r.image_id]
 
-    page = render_html(title, results, metrics, figures, heatmaps, misclassified, classes, split)
+    page = render_html(
+        title, results, metrics, figures, heatmaps, misclassified, classes, split, provenance
+    )
     html_path = out_dir / "index.html"
     write_text(html_path, page)
     return Report(

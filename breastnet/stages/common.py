@@ -2,7 +2,7 @@
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from breastnet.artifacts import finish_stage
+from breastnet.artifacts import finish_stage, write_text
+from breastnet.provenance import config_yaml, provenance
 from breastnet.report import ImageResult, Report, write_report
 from breastnet.report.metrics import headline
 from breastnet.tracking import log_report
@@ -108,10 +109,14 @@ def publish_report(
     prefix: str,
     parts: Path,
     split: dict | None = None,
+    checkpoints: Sequence[Path] = (),
 ) -> tuple[Report, dict[str, float]]:
     """Write the report of evaluate or predict (``split``: what evaluate scored, see
-    ``write_report``), drop the per-image ``parts`` it was made from, log it (W&B); returns
-    it and its headline metrics under ``prefix``."""
+    ``write_report``) with its provenance (``checkpoints``: those the stage loaded) and
+    resolved ``config.yaml``, drop the per-image ``parts`` it was made from, log it (W&B);
+    returns it and its headline metrics under ``prefix``."""
+    write_text(out_dir / "config.yaml", config_yaml(cfg))
+    facts = provenance(cfg, list(checkpoints)) | {"config": "config.yaml"}
     report = write_report(
         out_dir,
         results,
@@ -121,6 +126,7 @@ def publish_report(
         n_examples=cfg.evaluate.examples,
         seed=cfg.seed,
         split=split,
+        provenance=facts,
     )
     shutil.rmtree(parts, ignore_errors=True)
     log_report(cfg, report, results, prefix)

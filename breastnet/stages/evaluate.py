@@ -8,6 +8,7 @@ the W&B run.
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +21,12 @@ from breastnet.data.groups import resolve_groups
 from breastnet.data.splits import SIDES, split_summary
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
-from breastnet.inference import image_embedder, image_result, load_image_model
+from breastnet.inference import (
+    image_embedder,
+    image_result,
+    load_image_model,
+    used_checkpoints,
+)
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import Embedder
 from breastnet.prediction import predict_images
@@ -50,7 +56,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         dataset, embedder = FeatureDataset(cached, ids), Embedder(None, model.aggregator)
     out = lineage.report(split)
     outputs = predict_images(cfg, embedder, dataset, ids, out / ".parts", "evaluate")
-    return on_rank_zero(lambda: _report(cfg, datamodule, outputs, out)) or {}
+    checkpoints = used_checkpoints(lineage, model)
+    return on_rank_zero(lambda: _report(cfg, datamodule, outputs, out, checkpoints)) or {}
 
 
 def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[str]) -> dict:
@@ -81,7 +88,9 @@ def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[st
     }
 
 
-def _report(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out) -> dict:
+def _report(
+    cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out, checkpoints: list[Path]
+) -> dict:
     entries = {e.image_id: e for e in datamodule.entries}
     results = []
     for image_id, output in outputs.items():
@@ -104,6 +113,7 @@ def _report(cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out) -
         "eval",
         out / ".parts",
         split_facts(cfg, datamodule, set(outputs)),
+        checkpoints=checkpoints,
     )
     if report.metrics is not None:
         print(f"image accuracy on the {split} split: {report.metrics['image_accuracy']:.3f}")

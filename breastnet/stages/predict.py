@@ -23,7 +23,13 @@ from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.resolution import read_mpp
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
-from breastnet.inference import ImageFiles, image_embedder, image_result, load_image_model
+from breastnet.inference import (
+    ImageFiles,
+    image_embedder,
+    image_result,
+    load_image_model,
+    used_checkpoints,
+)
 from breastnet.labels import GROUPS, LabelMap, unlabelled_folder
 from breastnet.lineage import Lineage
 from breastnet.prediction import predict_images
@@ -135,6 +141,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             datamodule.hparams.min_tissue,
             "predict",
             out_dir / ".parts",
+            checkpoints=used_checkpoints(lineage, model),
         )
         print_outcome(results, root, metrics)
         print(f"predictions: {written.predictions_csv}")
