@@ -7,15 +7,18 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError
 from breastnet.lineage import Lineage
 from breastnet.synthetic import write_synthetic_dataset
+from breastnet.synthetic.rescan import rescan
 
-from conftest import SMALL_RUN, compose_config
+from conftest import SMALL_RUN, compose_config, tissue_like, write_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,7 +121,6 @@ def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: 
     (folder / "Invasive" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     tiny = folder / "Normal" / "tiny.png"
     shutil.copy(trained[0] / "Normal" / "n000.png", tiny)
-    from PIL import Image
 
     Image.open(tiny).resize((20, 20)).save(tiny)
     out = tmp_path / "out"
@@ -282,3 +284,77 @@ def test_wandb_run_of_predict_alone_holds_config_and_metrics(
     assert summary["predict/image_accuracy"] == pytest.approx(metrics["predict/image_accuracy"])
     assert config["predict"]["input"] == str(trained[0])
     assert config["image_model"]["aggregator"]["_target_"].endswith(".Attention")
+
+
+@pytest.mark.parametrize(("fit", "n_patches"), [("pad", 2), ("overlap", 2), ("trim", 0)])
+def test_predict_one_small_file_under_each_fit_rule(trained, tmp_path, capsys, fit, n_patches):
+    """A 700x460 file at 0.0525 µm/px (BreakHis 400X-like) is 88x58 px at the models' 0.42:
+    smaller than one 64 px tile in height. pad and overlap give it 2 patches; trim refuses it."""
+    image = cv2.resize(np.asarray(Image.open(trained[0] / "InSitu" / "is000.png")), (700, 460))
+    path = write_image(tmp_path / "slide.png", image)
+    out = tmp_path / "out"
+    cfg = cfg_for(
+        trained,
+        "stages=[predict]",
+        f"predict.input={path}",
+        f"predict.output_dir={out}",
+        "predict.mpp=0.0525",
+        f"predict.fit={fit}",
+    )
+    if fit == "trim":
+        with pytest.raises(
+            DataError,
+            match=r"slide.png: 700x460 px at 0.0525 µm/px, at 0.42: image 88x58 is smaller",
+        ):
+            run_stages(cfg)
+    else:
+        run_stages(cfg)
+    (row,) = read_rows(out / "predictions.csv")
+    assert row["n_patches"] == (str(n_patches) if n_patches else "")
+    assert row["mpp"] == "0.0525"
+    printed = capsys.readouterr().out
+    if n_patches:  # one file: its class and probabilities on the terminal
+        assert f"{path}: {row['predicted']} (Normal {float(row['prob_Normal']):.3f}," in printed
+        assert f"carcinoma {float(row['prob_carcinoma']):.3f}) from 2 patches" in printed
+
+
+def test_predict_on_an_external_set_of_other_sizes_and_label_names(trained, tmp_path, caplog):
+    """An external set as another lab hands it over: the training images at half the pixel
+    size (TIFF tags) in 2-class Benign/ and Malignant/ folders, crops smaller than a tile, a
+    4-class folder at the models' pixel size and a folder nothing maps. Every file is
+    readable, so predict exits 0, and it scores the 4-class and the 2-class labels."""
+    data, ext = trained[0], tmp_path / "external"
+    rescan(data, ext, mpp=0.21)  # 256x192 -> 512x384 TIFFs
+    crops = ["InSitu/is001", "Normal/n001"]
+    rescan(data, ext / "crops", crop=(88, 58), image_ids=crops, tags=False)
+    shutil.copytree(data / "Normal", ext / "Normal")
+    write_image(ext / "Unsorted" / "x.png", tissue_like(7, 192, 256))
+    out = tmp_path / "out"
+    cfg = cfg_for(
+        trained,
+        "stages=[predict]",
+        f"predict.input={ext}",
+        f"predict.output_dir={out}",
+        "predict.label_map={Benign:non_carcinoma,Malignant:carcinoma}",
+    )
+    metrics = run_stages(cfg)
+    assert "'Unsorted' (1 file)" in caplog.text
+    assert metrics["predict/n_images"] == 16 + 2 + 4 + 1
+    assert metrics["predict/carcinoma_n_images"] == 16 + 2 + 4  # all but Unsorted/
+    saved = json.loads((out / "metrics.json").read_text())
+    assert metrics["predict/image_accuracy"] == saved["image_accuracy"]
+    assert saved["n_images"] == 4 and saved["two_class"]["n_carcinoma"] == 8 + 1
+    assert "Carcinoma vs non-carcinoma" in (out / "index.html").read_text()
+
+    rows = {r["image_id"]: r for r in read_rows(out / "predictions.csv")}
+    assert rows["Malignant/iv000"]["label"] == "carcinoma"
+    assert rows["Benign/n000"]["label"] == "non_carcinoma" and rows["Unsorted/x"]["label"] == ""
+    # Half the pixel size, rescaled back: the same 4x3 grid, nearly the same probabilities.
+    for name in ("n000", "n001", "n002", "n003"):
+        rescanned, original = rows[f"Benign/{name}"], rows[f"Normal/{name}"]
+        assert (rescanned["mpp"], original["mpp"]) == ("0.21", "0.42")
+        assert rescanned["n_patches"] == original["n_patches"] == "12"
+        for c in ("Normal", "Benign", "InSitu", "Invasive"):
+            p, q = float(rescanned[f"prob_{c}"]), float(original[f"prob_{c}"])
+            assert p == pytest.approx(q, abs=0.05)
+    assert rows["crops/Malignant/is001"]["n_patches"] == "2"

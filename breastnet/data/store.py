@@ -95,10 +95,16 @@ def normalise_and_tile(
     ``mpp`` is the image's own pixel size (None: already at ``tiling.mpp``); it is rescaled
     before the stain is fitted, so normalisation sees the tissue as the tiles will.
     """
+    height, width = image.shape[:2]
     image = rescale(image, mpp, tiling.mpp)
     if normalizer is not None:
         image = normalizer.transform(image)
-    return tile_image(image, tiling.tile_size, tiling.stride, tiling.patch_size, tiling.fit)
+    try:
+        return tile_image(image, tiling.tile_size, tiling.stride, tiling.patch_size, tiling.fit)
+    except ValueError as e:
+        if image.shape[:2] == (height, width):
+            raise
+        raise ValueError(f"{width}x{height} px at {mpp} µm/px, at {tiling.mpp}: {e}") from e
 
 
 def _prepare_one(entry: IndexEntry, out: Path, tiling: Tiling, stain: StainSettings) -> dict:

@@ -20,7 +20,7 @@ from sklearn.manifold import TSNE
 
 from breastnet.artifacts import atomic_write
 from breastnet.data.bach import DataError, read_rgb
-from breastnet.report.result import ImageResult
+from breastnet.report.result import ImageResult, label_name
 
 DPI = 120
 TSNE_MAX_PATCHES = 2000
@@ -197,7 +197,7 @@ def _thumbnail(path: str | Path, size: int) -> np.ndarray:
 
 
 def _headline(r: ImageResult, classes: Sequence[str]) -> str:
-    truth = "" if r.label is None else f"true {classes[r.label]}, "
+    truth = f"true {label_name(r, classes)}, " if r.group is not None else ""
     return f"{r.image_id}: {truth}predicted {classes[r.predicted]} ({r.probs[r.predicted]:.2f})"
 
 
