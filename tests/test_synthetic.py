@@ -14,8 +14,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from breastnet import CLASSES
+from breastnet.data.resolution import read_mpp
 from breastnet.synthetic.dataset import PREFIXES, image_rng, main, write_synthetic_dataset
 from breastnet.synthetic.render import STAIN_REF, render_image, render_with_stain
+from breastnet.synthetic.rescan import rescan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,3 +175,24 @@ def test_module_entry_point(tmp_path: Path) -> None:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert "4 synthetic 64x48 .jpeg images" in done.stdout
     assert (tmp_path / "Invasive" / "iv000.jpeg").is_file()
+
+
+def test_rescan_makes_an_external_looking_set(tmp_path: Path) -> None:
+    """Half the pixel size in the TIFF tags and twice the pixels, 2-class folders, crops."""
+    data = write_synthetic_dataset(tmp_path / "data", 1, 64, 48, seed=1)
+    half = rescan(data, tmp_path / "half", mpp=0.21)
+    assert sorted(p.relative_to(tmp_path / "half").as_posix() for p in half) == [
+        "Benign/b000.tif", "Benign/n000.tif", "Malignant/is000.tif", "Malignant/iv000.tif",
+    ]  # fmt: skip
+    assert {read_mpp(p) for p in half} == {0.21}
+    with Image.open(half[0]) as im:
+        assert im.size == (128, 96)
+    original = np.asarray(Image.open(data / "Benign" / "b000.png"))
+    back = cv2.resize(np.asarray(Image.open(half[0])), (64, 48), interpolation=cv2.INTER_AREA)
+    assert np.abs(back.astype(int) - original).mean() < 3  # a resampling, not another image
+    (crop,) = rescan(
+        data, tmp_path / "crops", crop=(40, 20), image_ids=["InSitu/is000"], tags=False
+    )
+    assert crop == tmp_path / "crops" / "Malignant" / "is000.png" and read_mpp(crop) is None
+    expected = np.asarray(Image.open(data / "InSitu" / "is000.png"))[14:34, 12:52]  # centre
+    assert np.array_equal(np.asarray(Image.open(crop)), expected)

@@ -78,8 +78,8 @@ def rescan(
             image = centre_crop(image, *crop)
         target = out / folders[label] / f"{path.stem}.{'tif' if tags else 'png'}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        dpi = {"dpi": (25400 / mpp, 25400 / mpp)} if tags else {}
-        Image.fromarray(image).save(target, **dpi)
+        tiff = {"dpi": (25400 / mpp, 25400 / mpp), "compression": "tiff_deflate"}
+        Image.fromarray(image).save(target, **(tiff if tags else {}))
         written.append(target)
     return written
 
