@@ -173,6 +173,8 @@ def write_report(
             )
         rank = {r.image_id: i for i, r in enumerate(misclassified)}
         chosen = sorted(gridded, key=lambda r: rank.get(r.image_id, len(rank)))
+        for stale in out_dir.glob("heatmap_*.png"):  # of an earlier report in this folder
+            stale.unlink()
         taken: set[str] = set()
         for r in chosen[:n_examples]:
             path = out_dir / f"heatmap_{_safe_name(r.image_id, taken)}.png"

@@ -96,11 +96,11 @@ def _report(
     for image_id, output in outputs.items():
         record = datamodule.records[image_id]  # grid positions and tissue, from prepare
         entry = entries[image_id]
-        results.append(
-            image_result(
-                output, entry.path, entry.label_index, record["positions"], record["tissue"]
-            )
+        result = image_result(
+            output, entry.path, entry.label_index, record["positions"], record["tissue"]
         )
+        result.mpp = entry.mpp or datamodule.tiling.mpp
+        results.append(result)
     split = cfg.evaluate.split
     aggregator = cfg.image_model.aggregator._target_.rsplit(".", 1)[-1]
     report, metrics = publish_report(
