@@ -62,10 +62,13 @@ def make_sets(data: Path, ids: list[str], out: Path) -> dict[str, Path]:
 
 
 def predict(overrides: list[str], folder: Path, out: Path, extra: list[str]) -> dict:
-    """metrics.json of ``stages=[predict]`` on ``folder``, with its mean patch count."""
-    command = [sys.executable, "-m", "breastnet", "stages=[predict]", *overrides, *extra]
-    command += [f"predict.input={folder}", f"predict.output_dir={out}", f"hydra.run.dir={out}"]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    """The report's metrics.json of ``stages=[predict]`` on ``folder`` (run unless there),
+    with the mean patch count of its images."""
+    if not (out / "metrics.json").is_file():
+        command = [sys.executable, "-m", "breastnet", "stages=[predict]", *overrides, *extra]
+        command += [f"predict.input={folder}", f"predict.output_dir={out}"]
+        command += [f"hydra.run.dir={out}/run"]  # the run's own metrics.json goes there
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads((out / "metrics.json").read_text())
     rows = (out / "predictions.csv").read_text().splitlines()[1:]
     header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
