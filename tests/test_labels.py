@@ -6,16 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from breastnet.data.bach import DataError, build_index
 from breastnet.errors import ConfigError
 from breastnet.labels import LabelMap
+from breastnet.lineage import Lineage
 from breastnet.report import write_report
 from breastnet.report.metrics import two_class_metrics
 from breastnet.stages.predict import labels_for
 
-from conftest import noisy_probs, synthetic_results, tissue_like, write_image
+from conftest import compose_config, noisy_probs, synthetic_results, tissue_like, write_image
 
 
 def test_label_map_matches_names_loosely_and_checks_its_targets() -> None:
@@ -133,3 +135,11 @@ def test_mixed_labels_give_both_views(tmp_path: Path) -> None:
     rep = write_report(tmp_path, results)
     assert rep.metrics["n_images"] == 8  # 4-class: the images with a class label
     assert rep.metrics["two_class"]["n_images"] == 12  # 2-class: every labelled image
+
+
+def test_a_label_map_keys_its_own_index(tmp_path: Path) -> None:
+    """Other labels make another data set: its own index (and so its own splits)."""
+    plain = compose_config(tmp_path)
+    mapped = compose_config(tmp_path, "data.label_map={DCIS:InSitu}")
+    assert Lineage(plain).index != Lineage(mapped).index
+    assert instantiate(mapped.data).index_path == Lineage(mapped).index

@@ -4,8 +4,10 @@
 models were trained with (it locates them in ``work_dir``). Writes ``predictions.csv`` in
 ``predict.output_dir``; when the files have labels (BACH class folders, or a ``file,label``
 CSV) also ``metrics.json``, the plots and ``index.html``: any labelled folder is an external
-test set. A file that cannot be used gets a row with its error and the others go on; the stage
-fails at the end, after writing everything, when any file did.
+test set. Its labels may be other names (``predict.label_map``) or only BACH's 2-class groups,
+its images another pixel size (``predict.mpp``, TIFF tags) or size (``predict.fit``). A file
+that cannot be used gets a row with its error and the others go on; the stage fails at the
+end, after writing everything, when any file did.
 """
 
 import dataclasses
