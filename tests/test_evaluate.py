@@ -266,10 +266,15 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
     assert config["data"]["tile_size"] == 64
 
 
+GROUPS_ONLY = "{Normal:non_carcinoma,Benign:non_carcinoma,InSitu:carcinoma,Invasive:carcinoma}"
+
+
+@pytest.mark.parametrize("label_map", ["null", GROUPS_ONLY])
 def test_wandb_run_of_predict_alone_holds_config_and_metrics(
-    trained, tmp_path: Path, monkeypatch
+    trained, tmp_path: Path, monkeypatch, label_map: str
 ) -> None:
-    """No Trainer starts this run: the config and the numbers come from tracking."""
+    """No Trainer starts this run: the config and the numbers come from tracking, the
+    2-class ones too, and they alone when the labels are only the groups."""
     cfg = cfg_for(
         trained,
         "stages=[predict]",
@@ -277,11 +282,18 @@ def test_wandb_run_of_predict_alone_holds_config_and_metrics(
         f"predict.input={trained[0]}",
         f"predict.output_dir={tmp_path / 'out'}",
         f"paths.output_dir={tmp_path / 'hydra-run'}",
+        f"predict.label_map={label_map}",
     )
     metrics, run_dir = run_offline(cfg, tmp_path, monkeypatch)
     _, summary, config, _ = read_wandb_run(run_dir)
     assert summary["predict/n_images"] == 16 == metrics["predict/n_images"]
-    assert summary["predict/image_accuracy"] == pytest.approx(metrics["predict/image_accuracy"])
+    assert summary["predict/carcinoma_auc"] == pytest.approx(metrics["predict/carcinoma_auc"])
+    assert summary["predict/carcinoma_n_images"] == 16
+    if label_map == "null":
+        accuracy = summary["predict/image_accuracy"]
+        assert accuracy == pytest.approx(metrics["predict/image_accuracy"])
+    else:
+        assert "predict/image_accuracy" not in summary and "predict/image_accuracy" not in metrics
     assert config["predict"]["input"] == str(trained[0])
     assert config["image_model"]["aggregator"]["_target_"].endswith(".Attention")
 
