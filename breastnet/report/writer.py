@@ -135,7 +135,7 @@ def write_report(
             metrics = classification_metrics(labels, probs, patch_labels, patch_preds, classes)
             curves = roc_curves(labels, probs)
         metrics["two_class"] = two_class_metrics(
-            np.array([r.group for r in grouped]), np.stack([r.probs for r in grouped]), seed
+            np.array([r.group for r in grouped]), np.stack([r.probs for r in grouped])
         )
         metrics["n_errors"] = len(results) - len(ok)
         if split is not None:
