@@ -1,5 +1,6 @@
 """Multi-process training on the CPU (gloo): `ddp` single runs and `ddp_spawn` in multiruns."""
 
+import csv
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from breastnet.synthetic import write_synthetic_dataset
+from breastnet.synthetic.rescan import rescan
 
 from conftest import ROOT
 
@@ -51,8 +53,9 @@ def breastnet(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_ddp_whole_pipeline_two_processes(tmp_path: Path) -> None:
-    """Every default stage, prepare to evaluate, on two `ddp` ranks: one report, one
-    metrics.json, each rank a half of the global batch, every image embedded once."""
+    """Every default stage, prepare to evaluate, then predict on an external set, on two
+    `ddp` ranks: one report, one metrics.json, each rank a half of the global batch, every
+    image embedded once."""
     out = breastnet(tmp_path, "trainer.strategy=ddp", "image.max_epochs=2")
     log = out.stdout + out.stderr
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
@@ -71,6 +74,31 @@ def test_ddp_whole_pipeline_two_processes(tmp_path: Path) -> None:
     assert len(run_metrics) == 1  # rank 0 alone writes the run's metrics.json
     assert json.loads(run_metrics[0].read_text())["eval/n_images"] == 4
     assert "patch epoch 1/1" in log  # a plain progress line, also when not on a terminal
+
+    # predict on the same two ranks: an external set at half the pixel size, in 2-class
+    # folders, with a crop smaller than a tile: one report, every file once.
+    ext = tmp_path / "external"
+    rescan(tmp_path / "demo", ext, mpp=0.21)
+    rescan(tmp_path / "demo", ext / "crops", crop=(88, 58), image_ids=["Normal/n000"], tags=False)
+    predicted = tmp_path / "predicted"
+    done = breastnet(
+        tmp_path,
+        "trainer.strategy=ddp",
+        "image.max_epochs=2",
+        "stages=[predict]",
+        f"predict.input={ext}",
+        f"predict.output_dir={predicted}",
+        "predict.label_map={Benign:non_carcinoma,Malignant:carcinoma}",
+    )
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
+    with open(predicted / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["image_id"] for r in rows) == sorted(
+        p.relative_to(ext).with_suffix("").as_posix() for p in ext.rglob("*.*") if p.is_file()
+    )
+    assert {r["n_patches"] for r in rows} == {"12", "2"} and not any(r["error"] for r in rows)
+    two_class = json.loads((predicted / "metrics.json").read_text())["two_class"]
+    assert two_class["n_images"] == 17 and two_class["n_carcinoma"] == 8
 
 
 def test_ddp_in_a_multirun_uses_spawn(tmp_path: Path) -> None:
