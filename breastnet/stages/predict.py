@@ -23,7 +23,7 @@ from breastnet.artifacts import config_hash
 from breastnet.data.bach import DataError, find_images, find_label_csv, read_label_csv
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.resolution import read_mpp
-from breastnet.distributed import on_rank_zero
+from breastnet.distributed import on_rank_zero, rank
 from breastnet.errors import ConfigError
 from breastnet.inference import (
     ImageFiles,
@@ -68,7 +68,7 @@ def labels_for(
         labels[f] = label_map.folder(f, root) or (label_map(raw) if raw is not None else None)
         if labels[f] is None and (name := raw if raw is not None else unlabelled_folder(f, root)):
             unknown[name] += 1
-    if unknown:
+    if unknown and rank() == 0:  # every rank labels the files; one says so
         log.warning(
             "%s; these files are predicted without a label", label_map.unknown_report(unknown)
         )
