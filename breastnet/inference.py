@@ -114,6 +114,10 @@ class ImageFiles(Dataset):
         """Prepare's Macenko reference as a normaliser, made once per process."""
         return self.stain.normalizer()
 
+    def pixel_size(self, i: int) -> float:
+        """The pixel size file ``i`` is taken to have (``tiling.mpp`` when unknown)."""
+        return float(self.mpps[i] or self.tiling.mpp)
+
     def tile(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of file ``i``."""
         image = read_rgb(self.files[i])[0]
@@ -123,7 +127,7 @@ class ImageFiles(Dataset):
         sample: dict[str, Any] = {
             "image_id": self.image_ids[i],
             "y": -1,
-            "mpp": float(self.mpps[i] or self.tiling.mpp),  # the pixel size it was taken at
+            "mpp": self.pixel_size(i),
         }
         try:
             patches, positions = self.tile(i)

@@ -16,6 +16,7 @@ from breastnet import CLASSES
 from breastnet.errors import ConfigError
 
 CARCINOMA: tuple[str, ...] = ("InSitu", "Invasive")
+CARCINOMA_INDICES: list[int] = [CLASSES.index(c) for c in CARCINOMA]
 GROUPS: tuple[str, ...] = ("non_carcinoma", "carcinoma")  # the 2-class view; 1 is positive
 
 _ALIASES = {
@@ -40,11 +41,9 @@ def canonical_label(name: str) -> str | None:
     return label if label in CLASSES else None
 
 
-def group_of(label: str) -> str:
-    """The 2-class group of a class or group name."""
-    if label in GROUPS:
-        return label
-    return GROUPS[label in CARCINOMA]
+def group_index(class_index: int) -> int:
+    """The 2-class group (``GROUPS`` index) of a class index: 1 for the carcinoma classes."""
+    return int(class_index in CARCINOMA_INDICES)
 
 
 class LabelMap:

@@ -161,18 +161,19 @@ def _split_html(split: dict) -> str:
     return text + "</p>"
 
 
-def _predictions_html(results: list[ImageResult], classes: Sequence[str]) -> str:
-    rows = [
-        [
-            _esc(r.image_id),
-            _esc(r.path),
-            _esc(label_name(r, classes)),
-            _esc(classes[r.predicted]),
-            _fmt(float(r.probs[r.predicted])),
-        ]
-        for r in results
-        if not r.failed
+def _prediction_cells(r: ImageResult, classes: Sequence[str]) -> list[str]:
+    """Image, path, true label, predicted class and its probability, as table cells."""
+    return [
+        _esc(r.image_id),
+        _esc(r.path),
+        _esc(label_name(r, classes)),
+        _esc(classes[r.predicted]),
+        _fmt(float(r.probs[r.predicted])),
     ]
+
+
+def _predictions_html(results: list[ImageResult], classes: Sequence[str]) -> str:
+    rows = [_prediction_cells(r, classes) for r in results if not r.failed]
     return _table(["image", "path", "true", "predicted", "probability"], rows, numeric={4})
 
 
@@ -240,17 +241,7 @@ def render_html(
     if metrics is not None:
         parts.append(f"<h2>Misclassified images ({len(misclassified)})</h2>")
         if misclassified:
-            rows = [
-                [
-                    _esc(r.image_id),
-                    _esc(r.path),
-                    _esc(label_name(r, classes)),
-                    _esc(classes[r.predicted]),
-                    _fmt(float(r.probs[r.predicted])),
-                    _fmt(_true_prob(r)),
-                ]
-                for r in misclassified
-            ]
+            rows = [[*_prediction_cells(r, classes), _fmt(_true_prob(r))] for r in misclassified]
             header = ["image", "path", "true", "predicted", "p(predicted)", "p(true)"]
             parts.append(_table(header, rows, numeric={4, 5}))
             parts.extend(

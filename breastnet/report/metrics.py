@@ -19,7 +19,7 @@ from torchmetrics.functional.classification import (
 )
 
 from breastnet import CLASSES
-from breastnet.labels import CARCINOMA
+from breastnet.labels import CARCINOMA_INDICES
 
 BOOTSTRAP_RESAMPLES = 1000
 _BOOTSTRAP_CHUNK = 2**22  # resample x image weights held at once (32 MiB of float64)
@@ -229,9 +229,8 @@ def two_class_metrics(groups: np.ndarray, probs: np.ndarray, seed: int = 0) -> d
     """
     groups = np.asarray(groups, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    carcinoma = [CLASSES.index(c) for c in CARCINOMA]
-    score = probs[:, carcinoma].sum(1)
-    predicted = np.isin(probs.argmax(1), carcinoma).astype(np.int64)
+    score = probs[:, CARCINOMA_INDICES].sum(1)
+    predicted = np.isin(probs.argmax(1), CARCINOMA_INDICES).astype(np.int64)
     confusion = np.zeros((2, 2), dtype=int)
     np.add.at(confusion, (groups, predicted), 1)
     (true_neg, false_pos), (false_neg, true_pos) = confusion

@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from breastnet import CLASSES
-from breastnet.labels import CARCINOMA, GROUPS, group_of
+from breastnet.labels import CARCINOMA_INDICES, GROUPS, group_index
 
 
 @dataclass
@@ -41,7 +40,7 @@ class ImageResult:
         """The 2-class label: 1 carcinoma (InSitu, Invasive), 0 non-carcinoma, None unknown."""
         if self.label is None:
             return self.label_group
-        return GROUPS.index(group_of(CLASSES[self.label]))
+        return group_index(self.label)
 
     @property
     def wrong(self) -> bool:
@@ -50,14 +49,14 @@ class ImageResult:
             return False
         if self.label is not None:
             return self.predicted != self.label
-        return GROUPS.index(group_of(CLASSES[self.predicted])) != self.group
+        return group_index(self.predicted) != self.group
 
     @property
     def carcinoma_prob(self) -> float | None:
         """The probability of carcinoma: the sum of its classes' probabilities."""
         if self.failed:
             return None
-        return float(sum(self.probs[CLASSES.index(c)] for c in CARCINOMA))
+        return float(self.probs[CARCINOMA_INDICES].sum())
 
     @property
     def n_patches(self) -> int | None:

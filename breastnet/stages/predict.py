@@ -124,9 +124,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     def report() -> dict[str, float]:
         results = []
-        for f, image_id, mpp in zip(files, dataset.image_ids, mpps, strict=True):
+        for i, (f, image_id) in enumerate(zip(files, dataset.image_ids, strict=True)):
             result = image_result(outputs[image_id], str(f), None)
-            result.mpp = mpp or tiling.mpp
+            result.mpp = dataset.pixel_size(i)
             if labels[f] in CLASSES:
                 result.label = CLASSES.index(labels[f])
             elif labels[f] in GROUPS:
