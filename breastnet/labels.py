@@ -91,6 +91,11 @@ class LabelMap:
         )
 
 
+def csv_label(csv_labels: Mapping[str, str], path: Path, root: Path) -> str | None:
+    """A file's label as a label CSV writes it: by its path under ``root``, else its name."""
+    return csv_labels.get(path.relative_to(root).as_posix(), csv_labels.get(path.name))
+
+
 def unlabelled_folder(path: Path, root: Path) -> str | None:
     """The top folder a file sits in under ``root`` (what a class folder would be), None for
     a file directly in ``root``: the name an unknown label is reported by."""

@@ -23,7 +23,7 @@ from breastnet import CLASSES
 from breastnet.artifacts import atomic_write, config_hash
 from breastnet.data.resolution import read_mpp, scale_factor, scaled_size
 from breastnet.errors import UserError
-from breastnet.labels import LabelMap, canonical_label, unlabelled_folder
+from breastnet.labels import LabelMap, canonical_label, csv_label, unlabelled_folder
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def _labelled_entry(
     rel = path.relative_to(data_dir)
     entry = IndexEntry(image_id=rel.with_suffix("").as_posix(), path=str(path), label="")
     from_folder = labels.folder(path, data_dir)
-    raw_csv = csv_labels.get(rel.as_posix(), csv_labels.get(path.name))
+    raw_csv = csv_label(csv_labels, path, data_dir)
     from_csv = labels(raw_csv) if raw_csv is not None else None
     label = from_folder or from_csv
     if raw_csv is not None and from_csv is None:

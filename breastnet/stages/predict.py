@@ -32,7 +32,7 @@ from breastnet.inference import (
     load_image_model,
     used_checkpoints,
 )
-from breastnet.labels import GROUPS, LabelMap, unlabelled_folder
+from breastnet.labels import GROUPS, LabelMap, csv_label, unlabelled_folder
 from breastnet.lineage import Lineage
 from breastnet.prediction import predict_images
 from breastnet.report import ImageResult
@@ -64,7 +64,7 @@ def labels_for(
     labels: dict[Path, str | None] = {}
     unknown: Counter = Counter()
     for f in files:
-        raw = from_csv.get(f.relative_to(root).as_posix(), from_csv.get(f.name))
+        raw = csv_label(from_csv, f, root)
         labels[f] = label_map.folder(f, root) or (label_map(raw) if raw is not None else None)
         if labels[f] is None and (name := raw if raw is not None else unlabelled_folder(f, root)):
             unknown[name] += 1
