@@ -1,16 +1,22 @@
-"""Artifacts in ``work_dir``: content-hash keys, atomic writes and DONE markers, so reruns reuse
-and resume."""
+"""Artifacts in ``work_dir``: content-hash keys, atomic writes, DONE markers and file locks, so
+reruns reuse and resume, and jobs sharing a work_dir build each artifact once
+(docs/architecture.md, "Locks")."""
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def config_hash(obj: Any, length: int = 10) -> str:
@@ -44,6 +50,32 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of an artifact: ``.lock`` inside a directory artifact (a name without a
+    suffix: ``patch/<key>``), ``.<name>.lock`` beside a file; hidden either way, so listings
+    and globs of artifacts do not see them."""
+    return path / ".lock" if not path.suffix else path.with_name(f".{path.name}.lock")
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the artifact's lock (an ``fcntl`` lock on ``lock_path(path)``) while checking,
+    building and renaming it: a second process (another job on the same work_dir) waits here,
+    then finds it built and reuses it.
+    """
+    lock = FileLock(lock_path(path))
+    Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("waiting for another process building %s", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_text(path: Path, text: str) -> None:

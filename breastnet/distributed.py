@@ -6,12 +6,19 @@ started (or, under SLURM/torchrun, joined) before the first stage, so every stag
 rank with a process group to wait on: rank 0 alone writes shared artifacts (index, cache,
 features file, reports, metrics.json), the others wait for it and read them. Each stage's
 Trainer then finds the process group (and ``LOCAL_RANK``) in place and starts nothing.
+
+Two timeouts: training collectives fail after ``distributed.collective_timeout_min``; the waits
+for rank 0's artifacts (``on_rank_zero``, ``barrier``) run on a group of their own and fail
+after ``distributed.timeout_min``, which covers preparing a large cache. See
+docs/architecture.md, "Ranks".
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -22,8 +29,14 @@ from omegaconf import DictConfig
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
+from breastnet.artifacts import locked
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# ddp strategies whose processes start per Trainer call, not by re-running the command line.
+STARTS_PER_CALL = ("spawn", "fork", "notebook")
+# The process group of the waits for rank 0 (its own timeout); None: the default group.
+_wait_group: Any = None
 
 
 def in_multirun() -> bool:
@@ -31,10 +44,19 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _launches_from_here(cfg: DictConfig) -> bool:
-    """A ``ddp``-family strategy named by string (not spawn: those start per Trainer call)."""
-    strategy = cfg.trainer.get("strategy")
-    return isinstance(strategy, str) and strategy.startswith("ddp") and "spawn" not in strategy
+def launched_per_rank(strategy: Any) -> bool:
+    """A ``ddp``-family strategy named by string whose ranks > 0 Lightning starts by re-running
+    the command line (``ddp``, ``ddp_find_unused_parameters_true``...), not spawn or fork."""
+    return (
+        isinstance(strategy, str)
+        and strategy.startswith("ddp")
+        and not any(word in strategy for word in STARTS_PER_CALL)
+    )
+
+
+def spawned(strategy: str) -> str:
+    """The spawning twin of a ``launched_per_rank`` strategy (``ddp_x`` -> ``ddp_spawn_x``)."""
+    return "ddp_spawn" + strategy.removeprefix("ddp")
 
 
 def launch(cfg: DictConfig) -> int:
@@ -45,17 +67,22 @@ def launch(cfg: DictConfig) -> int:
     """
     if dist.is_initialized():
         return dist.get_world_size()
-    if not _launches_from_here(cfg) or (in_multirun() and not SLURMEnvironment.detect()):
+    strategy = cfg.trainer.get("strategy")
+    if not launched_per_rank(strategy) or (in_multirun() and not SLURMEnvironment.detect()):
         return 1
-    trainer = cfg.trainer
+    trainer, timeouts = cfg.trainer, cfg.distributed
     fabric = Fabric(
         accelerator=trainer.get("accelerator", "auto"),
         devices=trainer.get("devices", "auto"),
         num_nodes=trainer.get("num_nodes", 1),
-        strategy=DDPStrategy(timeout=timedelta(minutes=cfg.distributed.timeout_min)),
+        strategy=DDPStrategy(timeout=timedelta(minutes=timeouts.collective_timeout_min)),
     )
     if fabric.world_size > 1:
         fabric.launch()
+        global _wait_group
+        _wait_group = dist.new_group(
+            backend="gloo", timeout=timedelta(minutes=timeouts.timeout_min)
+        )
         log.info("rank %d of %d started", fabric.global_rank, fabric.world_size)
     return fabric.world_size
 
@@ -68,7 +95,7 @@ def rank() -> int:
 def barrier() -> None:
     """Wait until every rank gets here (nothing on one process)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_wait_group)
 
 
 def on_rank_zero(work: Callable[[], T]) -> T | None:
@@ -85,9 +112,18 @@ def on_rank_zero(work: Callable[[], T]) -> T | None:
             error = e
     if dist.is_initialized():
         status = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(status, src=0)
+        dist.broadcast_object_list(status, src=0, group=_wait_group)
         if error is None and status[0] is not None:
             raise RuntimeError(f"rank 0 failed: {status[0]}")
     if error is not None:
         raise error
     return result
+
+
+@contextmanager
+def locked_on_rank_zero(path: Path) -> Iterator[None]:
+    """Rank 0 holds the artifact's lock (``breastnet.artifacts.locked``) while every rank
+    checks and builds it together; the other ranks wait until rank 0 holds it."""
+    with ExitStack() as stack:
+        on_rank_zero(lambda: stack.enter_context(locked(path)))
+        yield

@@ -11,14 +11,15 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_info
 
 from breastnet.data.sampling import sample_seed
-from breastnet.distributed import in_multirun
+from breastnet.distributed import in_multirun, launched_per_rank, spawned
 from breastnet.lineage import container
 
 log = logging.getLogger(__name__)
 
 
 class EpochSeed(pl.Callback):
-    """Reseed the global RNGs (dropout...) before each training batch from (seed, epoch, batch).
+    """Reseed the global RNGs (dropout...) before each training batch from (seed, epoch, batch,
+    rank).
 
     What a batch draws then depends on nothing that ran before it in the process: not on
     when Lightning builds the DataLoader iterator and starts its workers (before the epoch's
@@ -33,7 +34,9 @@ class EpochSeed(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        seed = sample_seed(self.seed, trainer.current_epoch, batch_idx)
+        # Rank 0 draws what one process draws; the others draw dropout masks of their own.
+        rank = [trainer.global_rank] if trainer.global_rank else []
+        seed = sample_seed(self.seed, trainer.current_epoch, batch_idx, *rank)
         pl.seed_everything(seed % 2**32, workers=True, verbose=False)
 
 
@@ -102,9 +105,14 @@ def build_trainer(
     a Hydra multirun (each job would start the sweep again): there ``ddp_spawn`` is used.
     """
     # Under SLURM, srun has started every rank already: nothing to spawn.
-    if in_multirun() and cfg.trainer.get("strategy") == "ddp" and not SLURMEnvironment.detect():
-        log.warning("trainer.strategy=ddp inside a Hydra multirun: using ddp_spawn instead")
-        overrides["strategy"] = "ddp_spawn"
+    strategy = cfg.trainer.get("strategy")
+    if in_multirun() and launched_per_rank(strategy) and not SLURMEnvironment.detect():
+        overrides["strategy"] = spawned(strategy)
+        log.warning(
+            "trainer.strategy=%s inside a Hydra multirun: using %s instead",
+            strategy,
+            overrides["strategy"],
+        )
     made = instantiate(cfg.logger) if logger and cfg.get("logger") else False
     if made:
         callbacks = [*callbacks, LogConfig(container(cfg))]

@@ -164,7 +164,7 @@ def build_datamodule(data: Path, work_dir: Path) -> BreastDataModule:
         prepare_workers=2,
         batch_size=64,
     )
-    dm.prepare_data()  # reuses a built cache
+    dm.build()  # reuses a built cache
     dm.setup()
     return dm
 

@@ -50,7 +50,7 @@ def make_dm(synthetic_dir: Path, tmp_path: Path) -> Callable[..., BreastDataModu
 
 def test_prepare_writes_index_split_reference_and_cache(make_dm) -> None:
     dm = make_dm()
-    dm.prepare_data()
+    dm.build()
     dm.setup()
     work = dm.work_dir
     assert len(read_index(dm.index_path)) == 20 and dm.index_path.parent.name == "index"
@@ -75,7 +75,7 @@ def test_prepare_writes_index_split_reference_and_cache(make_dm) -> None:
 
 def test_patch_and_image_batches(make_dm) -> None:
     dm = make_dm()
-    dm.prepare_data()
+    dm.build()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (8, 3, 32, 32) and batch["x"].dtype == torch.uint8
@@ -90,7 +90,7 @@ def test_patch_and_image_batches(make_dm) -> None:
 
 
 def test_second_prepare_reuses_everything(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_dm().prepare_data()
+    make_dm().build()
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
@@ -98,19 +98,19 @@ def test_second_prepare_reuses_everything(make_dm, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(store, "_prepare_one", fail)
     monkeypatch.setattr("breastnet.data.bach.read_rgb", fail)
     dm = make_dm(batch_size=16, num_workers=1)  # loader settings do not shape the cache
-    dm.prepare_data()
+    dm.build()
     assert len(dm.records) == 20
 
 
 def test_tiling_change_builds_a_new_cache(make_dm) -> None:
     first = make_dm()
-    first.prepare_data()
+    first.build()
     second = make_dm(patch_size=48)
-    second.prepare_data()
+    second.build()
     assert first.cache.root != second.cache.root
     assert second.cache.load("Normal/n000").shape == (12, 48, 48, 3)
     unstained = make_dm(stain={"method": "none"})
-    unstained.prepare_data()
+    unstained.build()
     assert unstained.cache.root not in (first.cache.root, second.cache.root)
 
 
@@ -126,7 +126,7 @@ def test_interrupted_prepare_resumes(make_dm, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(store, "_prepare_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        make_dm().prepare_data()
+        make_dm().build()
     done = list(calls)
     calls.clear()
 
@@ -136,7 +136,7 @@ def test_interrupted_prepare_resumes(make_dm, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(store, "_prepare_one", counted)
     dm = make_dm()
-    dm.prepare_data()
+    dm.build()
     assert len(done) == 7 and len(calls) == 13 and not set(done) & set(calls)
     assert len(dm.records) == 20
 
@@ -152,10 +152,10 @@ def test_a_failing_image_keeps_the_others(make_dm, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(store, "_prepare_one", flaky)
     dm = make_dm()
     with pytest.raises(Exception, match=r"(?s)1 image\(s\) failed .*b002\.png: disk hiccup"):
-        dm.prepare_data()
+        dm.build()
     assert len(dm.cache.records()) == 19  # the others are cached
     dm = make_dm(skip_bad=True)
-    dm.prepare_data()
+    dm.build()
     assert len(dm.records) == 19 and "Benign/b002" not in dm.records
 
 
@@ -169,7 +169,7 @@ def test_white_image_and_background_tiles(make_dm, synthetic_dir: Path, tmp_path
     image = np.full((192, 256, 3), 255, np.uint8)
     write_image(data / "Normal" / "white.png", image)
     dm = make_dm(data_dir=str(data), min_tissue=0.05, split=[0.3, 0.3, 0.4])
-    dm.prepare_data()  # Macenko cannot estimate stains of a blank image: no crash
+    dm.build()  # Macenko cannot estimate stains of a blank image: no crash
     dm.setup()
     white = dm.cache.load("Normal/white")
     assert (np.asarray(white) >= 250).all()
@@ -196,7 +196,7 @@ def test_augmentation_depends_on_seed_epoch_and_sample_only(make_dm) -> None:
     """Workers (persistent or not) and ranks never change what a sample draws, so a resumed
     run or another worker count sees the same augmented patches; epochs do change it."""
     dm = make_dm()
-    dm.prepare_data()
+    dm.build()
     dm.setup()
     plain = dm.train_dataloader()
     workers = make_dm(num_workers=2, persistent_workers=True)

@@ -100,7 +100,7 @@ def test_the_datamodule_uses_the_lineage_paths(indexed: tuple[Path, Path], overr
     root, data = indexed
     cfg = compose_config(root, *BASE, f"data.data_dir={data}", override)
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
+    datamodule.build()
     lineage = Lineage(cfg)
     assert datamodule.index_path == lineage.index
     assert datamodule.split_path == lineage.split and datamodule.cache.root == lineage.cache
@@ -151,7 +151,7 @@ def test_a_train_reference_is_picked_among_the_training_images(
             f"data.fold={fold}",
         )
         datamodule = instantiate(cfg.data)
-        datamodule.prepare_data()
+        datamodule.build()
         saved = root / "work" / "stain" / f"{config_hash(Lineage(cfg).stain)}.json"
         path = json.loads(saved.read_text())["path"]
         train = {e.path for e in datamodule.entries if e.image_id in datamodule.split["train"]}

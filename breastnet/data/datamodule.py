@@ -1,7 +1,9 @@
 """One LightningDataModule for both models: index, split, stain work, tiling and loading.
 
-``prepare_data`` does the long work once (index, split, stain reference, patch cache, all in
-``work_dir`` and reused); ``setup`` only reads what it wrote, on every rank.
+``build`` does the long work once (index, split, stain reference, patch cache, all in
+``work_dir`` and reused); the prepare stage alone calls it, each artifact under its lock.
+Lightning's ``prepare_data`` hook is left as it is (it does nothing), so no fit or test ever
+rebuilds an artifact that another job reads. ``setup`` only reads, on every rank.
 
 Modes: ``patch`` yields single patches with their image's label; ``image`` yields all patches
 of an image in grid order, padded to the longest image of the batch with a mask;
@@ -19,6 +21,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from breastnet import lineage
+from breastnet.artifacts import locked
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
 from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, pad_collate
@@ -103,26 +106,28 @@ class BreastDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size={batch} is not divisible by the {world} devices")
         return batch // world
 
-    # -- the long work, once ----------------------------------------------------------------
-    def prepare_data(self) -> None:
+    # -- the long work, once (the prepare stage) --------------------------------------------
+    def build(self) -> None:
         """Index, split, pick the stain reference and fill the patch cache (all reused)."""
         hp = self.hparams
-        previous = bach.read_index(self.index_path) if self.index_path.is_file() else None
-        entries = bach.build_index(
-            self.data_dir,
-            hp.labels_csv,
-            min_size=hp.tile_size if hp.fit == "trim" else 1,  # pad and overlap take any size
-            mpp=hp.mpp,
-            skip_bad=hp.skip_bad,
-            num_workers=hp.prepare_workers,
-            previous=previous,
-            label_map=hp.label_map,
-        )
-        bach.write_index(self.index_path, entries)
+        with locked(self.index_path):
+            previous = bach.read_index(self.index_path) if self.index_path.is_file() else None
+            entries = bach.build_index(
+                self.data_dir,
+                hp.labels_csv,
+                min_size=hp.tile_size if hp.fit == "trim" else 1,  # pad and overlap: any size
+                mpp=hp.mpp,
+                skip_bad=hp.skip_bad,
+                num_workers=hp.prepare_workers,
+                previous=previous,
+                label_map=hp.label_map,
+            )
+            if entries != previous:
+                bach.write_index(self.index_path, entries)
         self._locate(entries, build=True)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read what ``prepare_data`` wrote; build the datasets of each split side."""
+        """Read what ``build`` wrote; build the datasets of each split side."""
         if self.datasets:
             return
         if not self.index_path.is_file():
@@ -190,10 +195,11 @@ class BreastDataModule(pl.LightningDataModule):
             data_dir=self.data_dir,
             labels_csv=hp.labels_csv,
         )
-        outer, outer_path = locate_split()
-        self.split, self.split_path = (
-            (outer, outer_path) if hp.inner_fold is None else locate_split(inner=hp.inner_fold)
-        )
+        with locked(self.work_dir / "splits"):  # one writer of split files at a time
+            outer, outer_path = locate_split()
+            self.split, self.split_path = (
+                (outer, outer_path) if hp.inner_fold is None else locate_split(inner=hp.inner_fold)
+            )
         settings = lineage.stain_settings(hp.stain, entries, outer_path.stem)
         self.stain = stain = StainSettings(
             stain_reference(self.work_dir, entries, hp.stain, settings, outer["train"], build),

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from breastnet import lineage
-from breastnet.artifacts import config_hash, write_json
+from breastnet.artifacts import config_hash, locked, write_json
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
 from breastnet.data.stain import MacenkoNormalizer, StainReference, pick_reference
@@ -46,6 +46,14 @@ def stain_reference(
         return StainReference.from_dict(json.loads(path.read_text())["reference"])
     if not build:
         raise FileNotFoundError(f"{path} not found: run the prepare stage first")
+    with locked(path):
+        if path.is_file():  # fitted by another process while this one waited
+            return StainReference.from_dict(json.loads(path.read_text())["reference"])
+        return _fit(path, entries, stain, train)
+
+
+def _fit(path: Path, entries: list[IndexEntry], stain: Mapping, train: Sequence[str]):
+    """Pick and fit the reference, write it to ``path``."""
     if stain["reference"] in lineage.PICKED_REFERENCES:
         pool = set(train) if stain["reference"] == "train" else None
         ref_path = Path(most_typical(entries, stain, pool).path)

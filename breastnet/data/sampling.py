@@ -7,9 +7,10 @@ import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch (independent of worker and rank)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, *more: int) -> int:
+    """The augmentation seed of one sample in one epoch (independent of worker and rank);
+    ``more`` adds to what it is drawn from (the rank, for per-rank dropout)."""
+    return int(np.random.SeedSequence([seed, epoch, index, *more]).generate_state(1)[0])
 
 
 class EpochShuffle(DistributedSampler):

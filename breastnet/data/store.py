@@ -3,6 +3,8 @@
 ``cache/<hash>/<image_id>.npy`` holds uint8 [N, S, S, 3] patches in row-major grid order;
 ``manifest.jsonl`` is the journal: one line per finished image, appended only after its
 array is in place, so an interrupted build resumes with the images it had not finished.
+Each image is built under its own lock, so jobs filling one cache at once tile each image
+once: the second finds its record in the journal and moves on.
 """
 
 import json
@@ -17,7 +19,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from breastnet.artifacts import save_npy, write_json
+from breastnet.artifacts import locked, save_npy, write_json
 from breastnet.data.bach import DataError, IndexEntry, read_rgb
 from breastnet.data.resolution import BACH_MPP, rescale
 from breastnet.data.stain import MacenkoNormalizer, StainReference
@@ -107,19 +109,29 @@ def normalise_and_tile(
         raise ValueError(f"{width}x{height} px at {mpp} µm/px, at {tiling.mpp}: {e}") from e
 
 
-def _prepare_one(entry: IndexEntry, out: Path, tiling: Tiling, stain: StainSettings) -> dict:
-    """Worker: read, normalise, tile and store one image; returns its manifest record."""
-    image, _ = read_rgb(entry.path)
-    patches, positions = normalise_and_tile(image, tiling, stain.normalizer(), entry.mpp or None)
-    save_npy(out, patches)
-    return {
-        "image_id": entry.image_id,
-        "sha1": entry.sha1,
-        "mpp": entry.mpp,
-        "shape": list(patches.shape),
-        "positions": positions.tolist(),
-        "tissue": np.round(tissue_fraction(patches), 4).tolist(),
-    }
+def _prepare_one(entry: IndexEntry, root: Path, tiling: Tiling, stain: StainSettings) -> bool:
+    """Worker: read, normalise, tile and store one image, then journal it, all under the
+    image's lock; returns False when another process had finished it meanwhile."""
+    cache = PatchCache(root)
+    out = cache.path(entry.image_id)
+    with locked(out):
+        if not cache.missing([entry]):
+            return False
+        image, _ = read_rgb(entry.path)
+        normalizer = stain.normalizer()
+        patches, positions = normalise_and_tile(image, tiling, normalizer, entry.mpp or None)
+        save_npy(out, patches)
+        record = {
+            "image_id": entry.image_id,
+            "sha1": entry.sha1,
+            "mpp": entry.mpp,
+            "shape": list(patches.shape),
+            "positions": positions.tolist(),
+            "tissue": np.round(tissue_fraction(patches), 4).tolist(),
+        }
+        with locked(root / MANIFEST), open(root / MANIFEST, "a") as journal:
+            journal.write(json.dumps(record) + "\n")
+    return True
 
 
 class PatchCache:
@@ -180,7 +192,9 @@ class PatchCache:
         todo = self.missing(entries)
         if todo:
             log.info("prepare: %d of %d images to normalise and tile", len(todo), len(entries))
-            failures = self._run(todo, tiling, stain, num_workers)
+            failures, tiled = self._run(todo, tiling, stain, num_workers)
+            if tiled < len(todo):
+                log.info("prepare: %d image(s) built by another process", len(todo) - tiled)
             if failures and not skip_bad:
                 raise DataError(
                     f"{len(failures)} image(s) failed in prepare (the others are cached):\n  "
@@ -193,37 +207,32 @@ class PatchCache:
 
     def _run(
         self, todo: list[IndexEntry], tiling: Tiling, stain: StainSettings, num_workers: int
-    ) -> list[str]:
-        """Prepare ``todo``, journaling each finished image at once; returns the failures."""
-        failures = []
-        with (
-            open(self.root / MANIFEST, "a") as journal,
-            tqdm(total=len(todo), desc="prepare", unit="img") as progress,
-        ):
+    ) -> tuple[list[str], int]:
+        """Prepare ``todo`` (each image journaled as soon as it is done); returns the failures
+        and how many images this process tiled."""
+        failures, tiled = [], 0
+        with tqdm(total=len(todo), desc="prepare", unit="img") as progress:
             for entry, outcome in self._outcomes(todo, tiling, stain, num_workers):
                 if isinstance(outcome, Exception):  # one bad image must not lose the others
                     failures.append(f"{entry.path}: {outcome}")
                 else:
-                    journal.write(json.dumps(outcome) + "\n")
-                    journal.flush()
+                    tiled += outcome
                 progress.update()
-        return failures
+        return failures, tiled
 
     def _outcomes(
         self, todo: list[IndexEntry], tiling: Tiling, stain: StainSettings, num_workers: int
-    ) -> Iterator[tuple[IndexEntry, dict | Exception]]:
+    ) -> Iterator[tuple[IndexEntry, bool | Exception]]:
         if num_workers <= 0:
             for e in todo:
                 try:
-                    yield e, _prepare_one(e, self.path(e.image_id), tiling, stain)
+                    yield e, _prepare_one(e, self.root, tiling, stain)
                 except Exception as error:
                     yield e, error
             return
         pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
         try:
-            futures = {
-                pool.submit(_prepare_one, e, self.path(e.image_id), tiling, stain): e for e in todo
-            }
+            futures = {pool.submit(_prepare_one, e, self.root, tiling, stain): e for e in todo}
             for future in as_completed(futures):
                 yield futures[future], future.exception() or future.result()
         finally:  # on Ctrl-C, do not wait for the queued images

@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from breastnet.artifacts import finish_stage, write_text
+from breastnet.artifacts import finish_stage, finished_metrics, locked, write_text
+from breastnet.distributed import locked_on_rank_zero
 from breastnet.provenance import config_yaml, provenance
 from breastnet.report import ImageResult, Report, write_report
 from breastnet.report.metrics import headline
@@ -19,6 +20,21 @@ from breastnet.tracking import log_report
 from breastnet.trainer import EpochSeed, ProgressLog, build_trainer
 
 log = logging.getLogger(__name__)
+
+
+def train_once(
+    out_dir: Path, name: str, train: Callable[[], dict[str, float]]
+) -> dict[str, float]:
+    """The metrics of the model in ``out_dir``: ``train()`` unless it has finished there.
+
+    Checked and trained under the model directory's lock (rank 0 holds it): of two jobs with
+    the same model key, one trains and the other waits, then reuses its result.
+    """
+    with locked_on_rank_zero(out_dir):
+        if (done := finished_metrics(out_dir)) is not None:
+            log.info("%s model already trained: %s", name, out_dir)
+            return done
+        return train()
 
 
 def train_and_test(
@@ -115,19 +131,20 @@ def publish_report(
     ``write_report``) with its provenance (``checkpoints``: those the stage loaded) and
     resolved ``config.yaml``, drop the per-image ``parts`` it was made from, log it (W&B);
     returns it and its headline metrics under ``prefix``."""
-    write_text(out_dir / "config.yaml", config_yaml(cfg))
-    facts = provenance(cfg, list(checkpoints)) | {"config": "config.yaml"}
-    report = write_report(
-        out_dir,
-        results,
-        patches=patches,
-        title=title,
-        min_tissue=min_tissue,
-        n_examples=cfg.evaluate.examples,
-        seed=cfg.seed,
-        split=split,
-        provenance=facts,
-    )
-    shutil.rmtree(parts, ignore_errors=True)
+    with locked(out_dir):  # one writer of a report directory at a time
+        write_text(out_dir / "config.yaml", config_yaml(cfg))
+        facts = provenance(cfg, list(checkpoints)) | {"config": "config.yaml"}
+        report = write_report(
+            out_dir,
+            results,
+            patches=patches,
+            title=title,
+            min_tissue=min_tissue,
+            n_examples=cfg.evaluate.examples,
+            seed=cfg.seed,
+            split=split,
+            provenance=facts,
+        )
+        shutil.rmtree(parts, ignore_errors=True)
     log_report(cfg, report, results, prefix)
     return report, summary_metrics(report, prefix)

@@ -23,7 +23,7 @@ from breastnet import CLASSES
 from breastnet.artifacts import atomic_write, write_json
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.splits import SIDES
-from breastnet.distributed import on_rank_zero
+from breastnet.distributed import locked_on_rank_zero, on_rank_zero
 from breastnet.inference import load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import Embedder
@@ -37,25 +37,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Extract (or reuse) features of every image; returns patch-wise accuracy per split."""
     lineage = Lineage(cfg)
     out, summary = lineage.features, lineage.features.with_suffix(".json")
-    if not (out.is_file() and summary.is_file()):
-        datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
-        datamodule.setup()
-        parts = out.with_suffix(".parts")
-        outputs: dict[str, dict] = {}
-        for model, ids in _assignments(cfg, lineage, datamodule):
-            dataset, ids = datamodule.inference_images(image_ids=ids)
-            embedder = Embedder(
-                load_patch_model(cfg, model).net,
-                chunk_size=cfg.features.batch_size,
-                tta=cfg.features.tta,
-            )
-            name = "features" if model.inner is None else f"features (oof {model.inner[0]})"
-            found = predict_images(cfg, embedder, dataset, ids, parts / model.patch.name, name)
-            outputs.update({i: {**o, "patch_model": model.patch.name} for i, o in found.items()})
-        on_rank_zero(lambda: _save(cfg, datamodule, outputs, out, parts))
-    else:
-        log.info("features already extracted: %s", out)
+    with locked_on_rank_zero(out):  # of two jobs with this key, one extracts
+        if not (out.is_file() and summary.is_file()):
+            _extract(cfg, lineage, out)
+        else:
+            log.info("features already extracted: %s", out)
     return json.loads(summary.read_text())
+
+
+def _extract(cfg: DictConfig, lineage: Lineage, out: Path) -> None:
+    datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
+    datamodule.setup()
+    parts = out.with_suffix(".parts")
+    outputs: dict[str, dict] = {}
+    for model, ids in _assignments(cfg, lineage, datamodule):
+        dataset, ids = datamodule.inference_images(image_ids=ids)
+        embedder = Embedder(
+            load_patch_model(cfg, model).net,
+            chunk_size=cfg.features.batch_size,
+            tta=cfg.features.tta,
+        )
+        name = "features" if model.inner is None else f"features (oof {model.inner[0]})"
+        found = predict_images(cfg, embedder, dataset, ids, parts / model.patch.name, name)
+        outputs.update({i: {**o, "patch_model": model.patch.name} for i, o in found.items()})
+    on_rank_zero(lambda: _save(cfg, datamodule, outputs, out, parts))
 
 
 def _assignments(

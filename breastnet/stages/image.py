@@ -11,10 +11,9 @@ import logging
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from breastnet.artifacts import finished_metrics
 from breastnet.inference import build_image_model, load_patch_model
 from breastnet.lineage import Lineage
-from breastnet.stages.common import train_and_test
+from breastnet.stages.common import train_and_test, train_once
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +28,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "image.train_features=oof needs the features stage's cached features: it does not "
             "apply with image.end_to_end=true"
         )
-    out = lineage.image
-    if (done := finished_metrics(out)) is not None:
-        log.info("image model already trained: %s", out)
-        return done
+    return train_once(lineage.image, "image", lambda: _train(cfg, lineage))
 
+
+def _train(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
+    settings, out = cfg.image, lineage.image
     if settings.end_to_end:
         # load_patch_model returns it in eval mode, which Lightning keeps through fit: train
         # mode here (BatchNorm stays frozen where freeze_bn says so), or nothing would adapt.

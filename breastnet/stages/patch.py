@@ -13,10 +13,9 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from breastnet.artifacts import finished_metrics
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.lineage import Lineage
-from breastnet.stages.common import train_and_test
+from breastnet.stages.common import train_and_test, train_once
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +33,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
     out = lineage.patch
-    if (done := finished_metrics(out)) is not None:
-        log.info("patch model already trained: %s", out)
-        return done
-    if lineage.inner is not None:
-        k, n = lineage.inner
-        log.info("out-of-fold patch model %d of %d: %s", k + 1, n, out)
-    datamodule: BreastDataModule = instantiate(cfg.data, mode="patch", inner_fold=lineage.inner)
-    datamodule.setup()
-    model = instantiate(cfg.patch_model)
-    return train_and_test(cfg, model, datamodule, out, "patch", cfg.patch.early_stopping_patience)
+
+    def train() -> dict[str, float]:
+        if lineage.inner is not None:
+            k, n = lineage.inner
+            log.info("out-of-fold patch model %d of %d: %s", k + 1, n, out)
+        datamodule: BreastDataModule = instantiate(
+            cfg.data, mode="patch", inner_fold=lineage.inner
+        )
+        datamodule.setup()
+        model = instantiate(cfg.patch_model)
+        patience = cfg.patch.early_stopping_patience
+        return train_and_test(cfg, model, datamodule, out, "patch", patience)
+
+    return train_once(out, "patch", train)
