@@ -1,9 +1,11 @@
 """Artifact lineage: where each artifact of a config lives in ``work_dir``, and what keys it.
 
 Every key is a short hash of the config subtree that shapes the artifact plus the keys of its
-inputs, computed from the config and the data set's index alone (no DataModule, no model):
+inputs, computed from the config and the data set's index alone (no DataModule, no model),
+salted with ``FORMAT`` (bumped when what an artifact holds changes, so no old one is reused):
 
-    index    <- data_dir, labels_csv
+    index    <- data_dir, labels_csv, label_map, and what makes a file usable: the smallest
+                size (a tile under fit=trim, else 1 px), mpp, skip_bad
     split    <- index (data fingerprint), ratios/folds, split seed, source grouping
     inner    <- split, inner fold k of K (the out-of-fold patch models)
     stain    <- stain settings, the reference (auto: the data fingerprint; train: the split;
@@ -14,6 +16,9 @@ inputs, computed from the config and the data set's index alone (no DataModule, 
     features <- patch, TTA; out-of-fold: the number of inner patch models
     image    <- features (end to end: patch), image model, image stage settings, seed
     report   <- image, evaluated split
+    predict  <- image, predict.input (resolved), predict.fit, predict.mpp (its resume parts)
+
+docs/architecture.md, "Artifact keys", has the table of what moves which key.
 
 Placement (devices, strategy, nodes) never enters a key: one and eight GPUs with the same
 global ``data.batch_size`` train the same model and share its artifacts.
@@ -28,7 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from breastnet.artifacts import config_hash
+from breastnet.artifacts import config_hash, locked
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
 from breastnet.data.resolution import BACH_MPP
@@ -54,6 +59,13 @@ STAIN_KEYS = ("method", "solver", "luminosity_threshold", "angular_percentile")
 OOF_KEYS = ("train_features", "oof_folds")
 # stain.reference values that pick an image of the data: any (`auto`) or the training side's.
 PICKED_REFERENCES = ("auto", "train")
+# Salt of every key: bump it when the content of an artifact changes for the same settings.
+FORMAT = 2
+
+
+def key(settings: Mapping[str, Any]) -> str:
+    """An artifact key: the hash of its settings and the format version."""
+    return config_hash({"format": FORMAT, **settings})
 
 
 def container(node: Any) -> Any:
@@ -66,27 +78,53 @@ def training_settings(trainer_cfg: Any) -> dict:
     return {k: v for k, v in container(trainer_cfg).items() if k not in PLACEMENT_KEYS}
 
 
-def index_key(
+def dataset_key(
     data_dir: str | Path, labels_csv: str | None, label_map: Mapping[str, str] | None = None
-) -> str:
-    """Key of one data set: its resolved folder and label file (several share a work_dir),
-    and the label map when there is one (keys made before label maps stay valid)."""
+) -> dict[str, Any]:
+    """What names one data set: its resolved folder and label file (several share a
+    work_dir), and the label map when there is one."""
     folder = Path(data_dir).expanduser().resolve()
     labels = str(Path(labels_csv).expanduser().resolve()) if labels_csv else None
-    key: dict[str, Any] = {"data_dir": str(folder), "labels_csv": labels}
+    found: dict[str, Any] = {"data_dir": str(folder), "labels_csv": labels}
     if label_map:
-        key["label_map"] = container(label_map)
-    return config_hash(key)
+        found["label_map"] = container(label_map)
+    return found
 
 
-def index_path(
-    work_dir: Path,
-    data_dir: str | Path,
-    labels_csv: str | None,
-    label_map: Mapping[str, str] | None = None,
-) -> Path:
-    """``work_dir/index/<data set key>.csv``."""
-    return Path(work_dir) / "index" / f"{index_key(data_dir, labels_csv, label_map)}.csv"
+def usability(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide which files of a data set are usable (``bach.build_index``):
+    the smallest side (a tile when ``fit`` trims; pad and overlap take any size), the pixel
+    size it is checked at, and whether bad files are skipped rather than an error."""
+    min_size = data["tile_size"] if data["fit"] == "trim" else 1
+    return {"min_size": min_size, "mpp": data["mpp"], "skip_bad": data["skip_bad"]}
+
+
+def index_path(work_dir: Path, data: Mapping[str, Any]) -> Path:
+    """``work_dir/index/<key>.csv`` of ``data`` (``cfg.data`` or the DataModule's settings):
+    the data set and what makes its files usable."""
+    found = dataset_key(data["data_dir"], data["labels_csv"], data.get("label_map"))
+    return Path(work_dir) / "index" / f"{key(found | usability(data))}.csv"
+
+
+def build_index(work_dir: Path, data: Mapping[str, Any]) -> list[IndexEntry]:
+    """Index the data set of ``data`` (the prepare stage alone), under the index file's lock,
+    reusing what an earlier index of these settings decoded; returns its entries."""
+    path = index_path(work_dir, data)
+    with locked(path):
+        previous = bach.read_index(path) if path.is_file() else None
+        entries = bach.build_index(
+            data["data_dir"],
+            data["labels_csv"],
+            min_size=usability(data)["min_size"],
+            mpp=data["mpp"],
+            skip_bad=data["skip_bad"],
+            num_workers=data["prepare_workers"],
+            previous=previous,
+            label_map=data.get("label_map"),
+        )
+        if entries != previous:
+            bach.write_index(path, entries)
+    return entries
 
 
 def stain_settings(stain: Any, entries: list[IndexEntry], split: str) -> dict:
@@ -119,10 +157,8 @@ def cache_dir(work_dir: Path, data: Mapping[str, Any], stain: dict) -> Path:
         tiling["mpp"] = data["mpp"]
     if data["fit"] != "trim":
         tiling["fit"] = data["fit"]
-    key = config_hash(
-        {"data": index_key(data["data_dir"], data["labels_csv"]), "tiling": tiling, "stain": stain}
-    )
-    return Path(work_dir) / "cache" / key
+    found = dataset_key(data["data_dir"], data["labels_csv"])  # the label map tiles nothing
+    return Path(work_dir) / "cache" / key({"data": found, "tiling": tiling, "stain": stain})
 
 
 @dataclass(frozen=True)
@@ -139,8 +175,7 @@ class Lineage:
 
     @property
     def index(self) -> Path:
-        data = self.cfg.data
-        return index_path(self.work_dir, data.data_dir, data.labels_csv, data.get("label_map"))
+        return index_path(self.work_dir, self.cfg.data)
 
     @cached_property
     def entries(self) -> list[IndexEntry]:
@@ -194,26 +229,26 @@ class Lineage:
     @cached_property
     def patch(self) -> Path:
         cfg = self.cfg
-        key = config_hash(
+        found = key(
             {
                 "cache": self.cache.name,
                 "split": self.split.stem,
-                "augment": container(cfg.augment),
+                "augment": container(cfg.data.augment),  # what the DataModule applies
                 "batch": {k: cfg.data[k] for k in ("batch_size", "min_tissue")},
                 "patch_model": container(cfg.patch_model),
                 "trainer": training_settings(cfg.trainer),
+                "patch": container(cfg.patch),  # early stopping
                 "seed": cfg.seed,
             }
         )
-        return self.work_dir / "patch" / key
+        return self.work_dir / "patch" / found
 
     @cached_property
     def features(self) -> Path:
         settings = {"patch": self.patch.name, "tta": self.cfg.features.tta}
         if self.oof_folds:  # in-sample features keep the key they had before oof existed
             settings["oof_folds"] = self.oof_folds
-        key = config_hash(settings)
-        return self.work_dir / "features" / f"{key}.pt"
+        return self.work_dir / "features" / f"{key(settings)}.pt"
 
     @cached_property
     def image(self) -> Path:
@@ -222,7 +257,7 @@ class Lineage:
         trainer = training_settings(cfg.trainer)
         trainer.pop("max_epochs", None)  # image.max_epochs replaces it
         stage = {k: v for k, v in container(cfg.image).items() if k not in OOF_KEYS}
-        key = config_hash(
+        found = key(
             {
                 "upstream": upstream,
                 "image_model": container(cfg.image_model),
@@ -231,11 +266,20 @@ class Lineage:
                 "seed": cfg.seed,
             }
         )
-        return self.work_dir / "image" / key
+        return self.work_dir / "image" / found
 
     def report(self, split: str) -> Path:
         """``work_dir/reports/<hash>`` of the image model evaluated on ``split``."""
-        return self.work_dir / "reports" / config_hash({"image": self.image.name, "split": split})
+        return self.work_dir / "reports" / key({"image": self.image.name, "split": split})
+
+    def predict_parts(self) -> Path:
+        """Where an interrupted predict keeps its per-image outputs to resume from: keyed by
+        the image model, the input (another folder never reuses them for equal ids), and the
+        tiling settings of predict."""
+        settings = self.cfg.predict
+        source = Path(settings.input).expanduser().resolve() if settings.input else None
+        found = key({"input": str(source), "fit": settings.fit, "mpp": settings.mpp})
+        return Path(settings.output_dir) / ".parts" / f"{self.image.name}-{found}"
 
     def keys(self) -> dict[str, str]:
         """Each artifact's key by name (what the tests and ``--info`` compare)."""
@@ -247,4 +291,5 @@ class Lineage:
             "features": self.features.stem,
             "image": self.image.name,
             "report": self.report(self.cfg.evaluate.split).name,
+            "predict": self.predict_parts().name,
         }

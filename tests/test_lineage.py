@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from breastnet import CLASSES, lineage
 from breastnet.artifacts import config_hash
 from breastnet.cli import run_stages
+from breastnet.data.bach import DataError, build_index
 from breastnet.lineage import Lineage
 
-from conftest import compose_config
+from conftest import compose_config, tissue_like, write_image
 
 BASE = [
     "experiment=demo",
@@ -22,23 +24,32 @@ BASE = [
     "patch_model.net.weights=none",
     "logger=none",
 ]
-ARTIFACTS = ("index", "split", "cache", "patch", "features", "image", "report")
+ARTIFACTS = ("index", "split", "cache", "patch", "features", "image", "report", "predict")
 DOWNSTREAM = {a: set(ARTIFACTS[ARTIFACTS.index(a) :]) for a in ARTIFACTS}
 
 # override -> the artifacts whose keys it must change (all others must stay)
 TABLE = {
-    "data.tile_size=16": DOWNSTREAM["cache"],
-    "data.mpp=0.25": DOWNSTREAM["cache"],
-    "data.fit=overlap": DOWNSTREAM["cache"],
-    # predict's own tiling settings: the trained models must still be found
-    "predict.fit=trim": set(),
-    "predict.mpp=0.3": set(),
+    # what makes a file usable keys the index too (the same usable images: the same split)
+    "data.tile_size=16": DOWNSTREAM["cache"] | {"index"},
+    "data.mpp=0.25": DOWNSTREAM["cache"] | {"index"},
+    "data.fit=overlap": DOWNSTREAM["cache"] | {"index"},
+    "data.fit=pad": DOWNSTREAM["cache"] | {"index"},
+    "data.skip_bad=true": {"index"},
+    # predict's own settings key its resume parts alone: the trained models are still found,
+    # and another input folder never reuses the parts of the first for equal image ids
+    "predict.fit=trim": {"predict"},
+    "predict.mpp=0.3": {"predict"},
+    "predict.input=/data/elsewhere": {"predict"},
     "stain=none": DOWNSTREAM["cache"],
     "data.split_seed=7": DOWNSTREAM["split"] - {"cache"},
     "data.groups=blocks:1": DOWNSTREAM["split"] - {"cache"},
     "data.folds=2": DOWNSTREAM["split"] - {"cache"},
     "patch_model.optimizer.lr=0.5": DOWNSTREAM["patch"],
     "data.batch_size=32": DOWNSTREAM["patch"],
+    "patch.early_stopping_patience=2": DOWNSTREAM["patch"],
+    # the augmentation the DataModule applies (data.augment, ${augment} by default)
+    "augment=none": DOWNSTREAM["patch"],
+    "data.augment={he_jitter:[0.7,1.3],rot90:true,flip:false}": DOWNSTREAM["patch"],
     "trainer.precision=bf16-mixed": DOWNSTREAM["patch"],
     "+trainer.gradient_clip_val=1.0": DOWNSTREAM["patch"],
     "features.tta=true": DOWNSTREAM["features"],
@@ -60,10 +71,6 @@ TABLE = {
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny BACH layout, indexed (prepare), and the tmp root its config uses."""
-    from breastnet import CLASSES
-
-    from conftest import tissue_like, write_image
-
     root = tmp_path_factory.mktemp("lineage")
     data = root / "bach"
     for c, name in enumerate(CLASSES):
@@ -74,8 +81,11 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def keys(indexed: tuple[Path, Path], *overrides: str) -> dict[str, str]:
+    """The keys of a config; a setting that keys an index of its own is indexed first."""
     root, data = indexed
-    return Lineage(compose_config(root, *BASE, f"data.data_dir={data}", *overrides)).keys()
+    cfg = compose_config(root, *BASE, f"data.data_dir={data}", *overrides)
+    lineage.build_index(Path(cfg.data.work_dir), cfg.data)
+    return Lineage(cfg).keys()
 
 
 @pytest.mark.parametrize("override", sorted(TABLE))
@@ -83,6 +93,30 @@ def test_what_a_change_moves(indexed: tuple[Path, Path], override: str) -> None:
     base, changed = keys(indexed), keys(indexed, override)
     moved = {name for name in ARTIFACTS if base[name] != changed[name]}
     assert moved == TABLE[override]
+
+
+def test_a_format_version_moves_every_key(
+    indexed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The salt of every key: an artifact whose content changes for the same settings is
+    rebuilt (the split is named by the data it splits, not by a key)."""
+    base = keys(indexed)
+    monkeypatch.setattr(lineage, "FORMAT", lineage.FORMAT + 1)
+    changed = keys(indexed)
+    assert {name for name in ARTIFACTS if base[name] != changed[name]} == set(ARTIFACTS) - {
+        "split"
+    }
+
+
+def test_two_files_of_one_image_id_are_an_error_naming_both(tmp_path: Path) -> None:
+    for c, name in enumerate(CLASSES):
+        for i in range(2):
+            write_image(tmp_path / name / f"{name[:2].lower()}{i:03d}.png", tissue_like(c + i))
+    twin = write_image(tmp_path / "Benign" / "be000.tif", tissue_like(99))
+    with pytest.raises(DataError) as error:
+        build_index(tmp_path, num_workers=0)
+    assert str(twin) in str(error.value) and str(twin.with_suffix(".png")) in str(error.value)
+    assert "'Benign/be000'" in str(error.value)
 
 
 @pytest.mark.parametrize(

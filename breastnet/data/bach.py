@@ -186,6 +186,7 @@ def build_index(
     entries = [_labelled_entry(f, data_dir, csv_labels, csv_path, labels, unknown) for f in files]
     if unknown:
         problems.insert(0, labels.unknown_report(unknown))
+    _flag_shared_ids(entries)
 
     # Reuse what an earlier scan decoded, for files whose size and mtime are unchanged.
     cached = {(e.path, e.file_size, e.mtime_ns): e for e in previous or [] if e.sha1}
@@ -283,6 +284,22 @@ def find_label_csv(data_dir: Path, labels_csv: str | Path | None) -> Path | None
             log.info("labels cross-checked against %s", candidate)
             return candidate
     return None
+
+
+def _flag_shared_ids(entries: list[IndexEntry]) -> None:
+    """Files whose ids collide (``b001.tif`` beside ``b001.png``: the id drops the suffix)
+    would share one cache array and could land on both sides of a split: each gets an
+    error naming the other."""
+    by_id: dict[str, list[IndexEntry]] = {}
+    for entry in entries:
+        by_id.setdefault(entry.image_id, []).append(entry)
+    for same in (group for group in by_id.values() if len(group) > 1):
+        for entry in same:
+            others = ", ".join(e.path for e in same if e is not entry)
+            entry.error = entry.error or (
+                f"{entry.path}: image id {entry.image_id!r} is also that of {others} "
+                "(ids drop the suffix): rename or remove one"
+            )
 
 
 def _labelled_entry(

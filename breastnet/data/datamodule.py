@@ -91,8 +91,7 @@ class BreastDataModule(pl.LightningDataModule):
     @property
     def index_path(self) -> Path:
         """This data set's index (one per data set: several share a work_dir)."""
-        hp = self.hparams
-        return lineage.index_path(self.work_dir, self.data_dir, hp.labels_csv, hp.label_map)
+        return lineage.index_path(self.work_dir, self.hparams)
 
     @property
     def world_size(self) -> int:
@@ -109,21 +108,7 @@ class BreastDataModule(pl.LightningDataModule):
     # -- the long work, once (the prepare stage) --------------------------------------------
     def build(self) -> None:
         """Index, split, pick the stain reference and fill the patch cache (all reused)."""
-        hp = self.hparams
-        with locked(self.index_path):
-            previous = bach.read_index(self.index_path) if self.index_path.is_file() else None
-            entries = bach.build_index(
-                self.data_dir,
-                hp.labels_csv,
-                min_size=hp.tile_size if hp.fit == "trim" else 1,  # pad and overlap: any size
-                mpp=hp.mpp,
-                skip_bad=hp.skip_bad,
-                num_workers=hp.prepare_workers,
-                previous=previous,
-                label_map=hp.label_map,
-            )
-            if entries != previous:
-                bach.write_index(self.index_path, entries)
+        entries = lineage.build_index(self.work_dir, self.hparams)
         self._locate(entries, build=True)
 
     def setup(self, stage: str | None = None) -> None:

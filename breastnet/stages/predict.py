@@ -19,7 +19,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet import CLASSES
-from breastnet.artifacts import config_hash
 from breastnet.data.bach import DataError, find_images, find_label_csv, read_label_csv
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.resolution import read_mpp
@@ -115,9 +114,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     mpps = [cfg.predict.mpp or read_mpp(f) for f in files]
     dataset = ImageFiles(files, root, tiling, datamodule.stain, mpps)
     out_dir = Path(cfg.predict.output_dir)
-    # An interrupted run resumes with the parts made under the same models, fit and pixel size
-    settings = config_hash({"fit": tiling.fit, "mpp": cfg.predict.mpp})
-    parts = out_dir / ".parts" / f"{lineage.image.name}-{settings}"
+    # An interrupted run resumes with the parts made under the same models, input and tiling
+    parts = lineage.predict_parts()
     outputs = predict_images(
         cfg, image_embedder(cfg, lineage, model), dataset, dataset.image_ids, parts, "predict"
     )

@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from breastnet.data.bach import build_index, read_index, read_rgb
+from breastnet.data.resolution import BACH_MPP
 from breastnet.data.splits import load_or_make_split
 from breastnet.data.stain import MacenkoNormalizer, StainReference
 from breastnet.data.store import Tiling, normalise_and_tile
@@ -98,7 +99,8 @@ def main() -> None:
         reference = json.loads(args.stain_reference.read_text())["reference"]
         normalizer = MacenkoNormalizer.from_reference(StainReference.from_dict(reference))
 
-    index = index_path(args.work_dir, args.data, None)
+    usable = {"tile_size": args.tile, "fit": "trim", "mpp": BACH_MPP, "skip_bad": False}
+    index = index_path(args.work_dir, {"data_dir": args.data, "labels_csv": None, **usable})
     previous = read_index(index) if index.is_file() else None
     entries = [
         e for e in build_index(args.data, min_size=args.tile, previous=previous) if e.usable

@@ -158,7 +158,8 @@ def test_a_sweep_of_two_array_jobs_on_one_work_dir(
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    ids = sorted({p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if "_" in p.name})
+    submitted = (sweep / ".submitit").iterdir()  # <array id>_<task>/ per job
+    ids = sorted({p.name.split("_")[0] for p in submitted if p.name[0].isdigit()})
     assert len(ids) == 1  # one array job
     states = [job(cluster, f"{ids[0]}_{i}") for i in range(2)]
     print(f"array job {ids[0]}: {[(s['JobId'], s['JobState'], s['ExitCode']) for s in states]}")
@@ -231,7 +232,7 @@ def test_a_requeued_job_resumes_to_the_same_weights(
         assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
     assert (states["requeued"]["Restarts"], states["uninterrupted"]["Restarts"]) == ("1", "0")
     logs = tmp_path / "logs" / jobs["requeued"]
-    first, second = ((logs / str(n) / "__main__.log").read_text() for n in (0, 1))
+    first, second = ((logs / str(n) / "cli.log").read_text() for n in (0, 1))  # Hydra's
     assert f"patch epoch {epochs}/{epochs}" not in first  # killed before it finished
     assert "resuming from" in second and f"patch epoch {epochs}/{epochs}" in second
 
