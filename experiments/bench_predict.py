@@ -47,6 +47,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--chunk", type=int, default=64, help="patches per forward call (features.batch_size)"
     )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to time"
+    )
+    parser.add_argument("--tile-size", type=int, default=512)
+    parser.add_argument("--patch-size", type=int, default=224)
     return parser.parse_args()
 
 
@@ -93,11 +98,12 @@ def main() -> None:
     args = parse_args()
     every = sorted(args.data.rglob("*.jpeg"))
     files = every[:: max(1, len(every) // args.n)][: args.n]
-    tiling = Tiling(tile_size=512, stride=512, patch_size=224)
+    tiling = Tiling(args.tile_size, args.tile_size, args.patch_size)
     stain = StainSettings(MacenkoNormalizer().fit(read_rgb(files[0])[0]).reference)
     net = build_backbone("mobilenet_v2", weights="none").eval()
     print(
-        f"{len(files)} bach-dev images, tiling 512 -> 224 px, {args.chunk} patches per forward, "
+        f"{len(files)} images, tiling {args.tile_size} -> {args.patch_size} px, "
+        f"{args.chunk} patches per forward, "
         f"{args.images_per_batch} images per batch, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, {platform.processor()}"
     )
@@ -118,7 +124,7 @@ def main() -> None:
         seconds, reference = timed(partial(baseline, tta=tta))
         label = f"TTA {'on' if tta else 'off'}"
         print(f"{'one at a time, ' + label:<34} {len(files) / seconds:9.2f} {1.0:12.2f}")
-        for workers in (0, 2):
+        for workers in args.workers:
             took, probs = timed(partial(stream, tta=tta, workers=workers))
             name = f"streamed, {workers} workers, {label}"
             gap = float((probs - reference).abs().max())

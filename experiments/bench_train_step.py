@@ -52,7 +52,6 @@ from breastnet.models.backbone import build_backbone
 from breastnet.models.patch_classifier import PatchClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
-PATCH_SIZE = 299
 
 
 def parse_args(cuda: bool) -> argparse.Namespace:
@@ -70,6 +69,9 @@ def parse_args(cuda: bool) -> argparse.Namespace:
         "--loader-batches", type=int, default=12, help="timed loader batches of 64 (0: an epoch)"
     )
     parser.add_argument("--part-samples", type=int, default=400, help="samples per part timing")
+    parser.add_argument("--backbone", default="inception_v3", help="conf/patch_model name")
+    parser.add_argument("--tile-size", type=int, default=512, help="cache tiles (px)")
+    parser.add_argument("--patch-size", type=int, default=299, help="patches (px)")
     return parser.parse_args()
 
 
@@ -97,25 +99,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_rate(
-    tuned: bool, device: torch.device, batch_size: int, steps: int, warmup: int
-) -> tuple[float, float]:
-    """Patches/s of full training steps after ``warmup`` steps, and the last loss."""
+def train_rate(tuned: bool, device: torch.device, args: argparse.Namespace) -> tuple[float, float]:
+    """Patches/s of full training steps after ``args.warmup`` steps, and the last loss."""
     cuda = device.type == "cuda"
+    batch_size, size = args.batch_size, args.patch_size
     torch.manual_seed(0)
     model = PatchClassifier(
-        build_backbone("inception_v3", weights="none"),
+        build_backbone(args.backbone, weights="none"),
         optimizer=partial(torch.optim.SGD, lr=1e-3, momentum=0.9, weight_decay=1e-4),
         channels_last=tuned,
-        compile=tuned and cuda,
     ).to(device)
-    model.setup("fit")  # compiles the net's forward in place when compile=True
+    if tuned and cuda:
+        model.net.compile()  # what PatchClassifier.setup does under a Trainer (compile=True)
     model.train()
     optimizer = model.configure_optimizers()["optimizer"]
     generator = torch.Generator().manual_seed(0)
     batch = {
         "x": torch.randint(
-            0, 256, (batch_size, 3, PATCH_SIZE, PATCH_SIZE), dtype=torch.uint8, generator=generator
+            0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator
         ).to(device),
         "y": torch.randint(0, 4, (batch_size,), generator=generator).to(device),
     }
@@ -130,18 +131,18 @@ def train_rate(
         optimizer.step()
         return loss
 
-    for _ in range(warmup):
+    for _ in range(args.warmup):
         step()
     sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
         loss = step()
     sync(device)
     seconds = time.perf_counter() - start
-    return steps * batch_size / seconds, float(loss.detach())
+    return args.steps * batch_size / seconds, float(loss.detach())
 
 
-def build_datamodule(data: Path, work_dir: Path) -> BreastDataModule:
+def build_datamodule(data: Path, work_dir: Path, tile_size: int, size: int) -> BreastDataModule:
     """The patch DataModule with Macenko stains and the paper's augmentation, cache built."""
     dm = BreastDataModule(
         data_dir=str(data),
@@ -157,9 +158,9 @@ def build_datamodule(data: Path, work_dir: Path) -> BreastDataModule:
         ),
         augment=OmegaConf.create({"he_jitter": [0.7, 1.3], "rot90": True, "flip": True}),
         mode="patch",
-        tile_size=512,
-        stride=512,
-        patch_size=PATCH_SIZE,
+        tile_size=tile_size,
+        stride=tile_size,
+        patch_size=size,
         num_workers=0,
         prepare_workers=2,
         batch_size=64,
@@ -251,12 +252,13 @@ def main() -> None:
 
     tuned_name = "channels_last + bf16 autocast + torch.compile" if cuda else "channels_last"
     print(
-        f"\n== training step: inception_v3 (aux on), SGD, {PATCH_SIZE} px, batch "
+        f"\n== training step: {args.backbone} (aux on where it has one), SGD, "
+        f"{args.patch_size} px, batch "
         f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up =="
     )
     rates = {}
     for name, tuned in (("eager", False), ("tuned", True)):
-        patches_per_s, loss = train_rate(tuned, device, args.batch_size, args.steps, args.warmup)
+        patches_per_s, loss = train_rate(tuned, device, args)
         rates[name] = patches_per_s
         label = "fp32 NCHW" if not tuned else tuned_name
         print(
@@ -266,9 +268,9 @@ def main() -> None:
     speedup = rates["tuned"] / rates["eager"]
     print(f"load average (1 min) after training steps: {load_average()}")
 
-    print(f"\n== loader: {PATCH_SIZE} px patches from the cache, paper augmentation ==")
+    print(f"\n== loader: {args.patch_size} px patches from the cache, paper augmentation ==")
     start = time.perf_counter()
-    dm = build_datamodule(args.data, args.work_dir)
+    dm = build_datamodule(args.data, args.work_dir, args.tile_size, args.patch_size)
     dataset = dm.datasets["train"]
     print(
         f"data module ready in {time.perf_counter() - start:.1f} s "

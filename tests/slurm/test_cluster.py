@@ -231,10 +231,12 @@ def test_a_requeued_job_resumes_to_the_same_weights(
         log = (tmp_path / f"{name}.out").read_text()
         assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
     assert (states["requeued"]["Restarts"], states["uninterrupted"]["Restarts"]) == ("1", "0")
-    logs = tmp_path / "logs" / jobs["requeued"]
-    first, second = ((logs / str(n) / "cli.log").read_text() for n in (0, 1))  # Hydra's
-    assert f"patch epoch {epochs}/{epochs}" not in first  # killed before it finished
-    assert "resuming from" in second and f"patch epoch {epochs}/{epochs}" in second
+    # Its output holds both attempts (--open-mode=append): one epoch done, then the requeue.
+    before, after = (tmp_path / "requeued.out").read_text().split("DUE TO JOB REQUEUE", 1)
+    assert "patch epoch 1/4" in before and "patch epoch 4/4" not in before
+    assert "Restored all states from the checkpoint" in after and "patch epoch 4/4" in after
+    second = (tmp_path / "logs" / jobs["requeued"] / "1" / "cli.log").read_text()  # Hydra's
+    assert "resuming from" in second and "last.ckpt" in second
 
     def weights(name: str) -> dict[str, torch.Tensor]:
         (ckpt,) = (tmp_path / name / "patch").glob("*/last.ckpt")
