@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +23,21 @@ def config_hash(obj: Any, length: int = 10) -> str:
     """Short stable hash of a JSON-able object (key order does not matter)."""
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+# Salt of every artifact key: bump it when what an artifact holds changes for the same
+# settings, so no artifact of an older format is reused.
+FORMAT = 2
+
+
+def artifact_key(settings: Mapping[str, Any]) -> str:
+    """An artifact key: the hash of its settings and the format version."""
+    return config_hash({"format": FORMAT, **settings})
+
+
+def container(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (for hashing and saving)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _umask() -> int:

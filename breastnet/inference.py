@@ -17,12 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from breastnet.artifacts import finished_metrics
+from breastnet.artifacts import container, finished_metrics
 from breastnet.data.bach import DataError, read_rgb
 from breastnet.data.datasets import to_tensor
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
-from breastnet.lineage import Lineage, container
+from breastnet.lineage import Lineage
 from breastnet.models.backbone import Backbone
 from breastnet.models.embedding import Embedder
 from breastnet.models.image_classifier import ImageClassifier

@@ -24,19 +24,17 @@ Placement (devices, strategy, nodes) never enters a key: one and eight GPUs with
 global ``data.batch_size`` train the same model and share its artifacts.
 """
 
-import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from breastnet.artifacts import config_hash, locked
+from breastnet.artifacts import artifact_key, container
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
-from breastnet.data.resolution import BACH_MPP
+from breastnet.data.keys import cache_dir, index_path, stain_settings
 from breastnet.data.splits import inner_name, split_name
 
 # Trainer keys that say where a run executes, not what it learns: left out of model keys.
@@ -54,111 +52,13 @@ PLACEMENT_KEYS = frozenset(
         "enable_model_summary",
     }
 )
-STAIN_KEYS = ("method", "solver", "luminosity_threshold", "angular_percentile")
 # image-stage keys of the out-of-fold features (the features key holds them).
 OOF_KEYS = ("train_features", "oof_folds")
-# stain.reference values that pick an image of the data: any (`auto`) or the training side's.
-PICKED_REFERENCES = ("auto", "train")
-# Salt of every key: bump it when the content of an artifact changes for the same settings.
-FORMAT = 2
-
-
-def key(settings: Mapping[str, Any]) -> str:
-    """An artifact key: the hash of its settings and the format version."""
-    return config_hash({"format": FORMAT, **settings})
-
-
-def container(node: Any) -> Any:
-    """A resolved plain-Python copy of a config node (for hashing and saving)."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def training_settings(trainer_cfg: Any) -> dict:
     """The trainer settings that shape a model (epochs, precision, clipping...)."""
     return {k: v for k, v in container(trainer_cfg).items() if k not in PLACEMENT_KEYS}
-
-
-def dataset_key(
-    data_dir: str | Path, labels_csv: str | None, label_map: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """What names one data set: its resolved folder and label file (several share a
-    work_dir), and the label map when there is one."""
-    folder = Path(data_dir).expanduser().resolve()
-    labels = str(Path(labels_csv).expanduser().resolve()) if labels_csv else None
-    found: dict[str, Any] = {"data_dir": str(folder), "labels_csv": labels}
-    if label_map:
-        found["label_map"] = container(label_map)
-    return found
-
-
-def usability(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that decide which files of a data set are usable (``bach.build_index``):
-    the smallest side (a tile when ``fit`` trims; pad and overlap take any size), the pixel
-    size it is checked at, and whether bad files are skipped rather than an error."""
-    min_size = data["tile_size"] if data["fit"] == "trim" else 1
-    return {"min_size": min_size, "mpp": data["mpp"], "skip_bad": data["skip_bad"]}
-
-
-def index_path(work_dir: Path, data: Mapping[str, Any]) -> Path:
-    """``work_dir/index/<key>.csv`` of ``data`` (``cfg.data`` or the DataModule's settings):
-    the data set and what makes its files usable."""
-    found = dataset_key(data["data_dir"], data["labels_csv"], data.get("label_map"))
-    return Path(work_dir) / "index" / f"{key(found | usability(data))}.csv"
-
-
-def build_index(work_dir: Path, data: Mapping[str, Any]) -> list[IndexEntry]:
-    """Index the data set of ``data`` (the prepare stage alone), under the index file's lock,
-    reusing what an earlier index of these settings decoded; returns its entries."""
-    path = index_path(work_dir, data)
-    with locked(path):
-        previous = bach.read_index(path) if path.is_file() else None
-        entries = bach.build_index(
-            data["data_dir"],
-            data["labels_csv"],
-            min_size=usability(data)["min_size"],
-            mpp=data["mpp"],
-            skip_bad=data["skip_bad"],
-            num_workers=data["prepare_workers"],
-            previous=previous,
-            label_map=data.get("label_map"),
-        )
-        if entries != previous:
-            bach.write_index(path, entries)
-    return entries
-
-
-def stain_settings(stain: Any, entries: list[IndexEntry], split: str) -> dict:
-    """What identifies a fitted Macenko reference (``method: none``: no stain work); ``split``
-    is the split file's stem, which a reference picked from the training side depends on."""
-    if stain["method"] == "none":
-        return {"method": "none"}
-    if stain["method"] != "macenko":
-        raise ValueError(f"stain.method must be macenko or none, got {stain['method']!r}")
-    settings = {k: stain[k] for k in STAIN_KEYS}
-    if stain["reference"] == "auto":
-        settings["reference"] = "auto:" + bach.data_fingerprint(entries)
-    elif stain["reference"] == "train":
-        settings["reference"] = "train:" + split
-    else:
-        path = Path(stain["reference"]).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"stain.reference={path} does not exist")
-        settings["reference"] = hashlib.sha1(path.read_bytes()).hexdigest()
-    return settings
-
-
-def cache_dir(work_dir: Path, data: Mapping[str, Any], stain: dict) -> Path:
-    """``work_dir/cache/<key>``: the data set (``data`` is ``cfg.data`` or the DataModule's
-    settings), its tiling and its stain reference (``stain_settings``)."""
-    tiling = {k: data[k] for k in ("tile_size", "stride", "patch_size")}
-    # Pixel size and fit rule enter only when not BACH's and today's: every work dir made
-    # before they existed keeps its cache and model keys (as oof_folds in the features key).
-    if data["mpp"] != BACH_MPP:
-        tiling["mpp"] = data["mpp"]
-    if data["fit"] != "trim":
-        tiling["fit"] = data["fit"]
-    found = dataset_key(data["data_dir"], data["labels_csv"])  # the label map tiles nothing
-    return Path(work_dir) / "cache" / key({"data": found, "tiling": tiling, "stain": stain})
 
 
 @dataclass(frozen=True)
@@ -229,7 +129,7 @@ class Lineage:
     @cached_property
     def patch(self) -> Path:
         cfg = self.cfg
-        found = key(
+        found = artifact_key(
             {
                 "cache": self.cache.name,
                 "split": self.split.stem,
@@ -248,7 +148,7 @@ class Lineage:
         settings = {"patch": self.patch.name, "tta": self.cfg.features.tta}
         if self.oof_folds:  # in-sample features keep the key they had before oof existed
             settings["oof_folds"] = self.oof_folds
-        return self.work_dir / "features" / f"{key(settings)}.pt"
+        return self.work_dir / "features" / f"{artifact_key(settings)}.pt"
 
     @cached_property
     def image(self) -> Path:
@@ -257,7 +157,7 @@ class Lineage:
         trainer = training_settings(cfg.trainer)
         trainer.pop("max_epochs", None)  # image.max_epochs replaces it
         stage = {k: v for k, v in container(cfg.image).items() if k not in OOF_KEYS}
-        found = key(
+        found = artifact_key(
             {
                 "upstream": upstream,
                 "image_model": container(cfg.image_model),
@@ -270,7 +170,7 @@ class Lineage:
 
     def report(self, split: str) -> Path:
         """``work_dir/reports/<hash>`` of the image model evaluated on ``split``."""
-        return self.work_dir / "reports" / key({"image": self.image.name, "split": split})
+        return self.work_dir / "reports" / artifact_key({"image": self.image.name, "split": split})
 
     def predict_parts(self) -> Path:
         """Where an interrupted predict keeps its per-image outputs to resume from: keyed by
@@ -278,7 +178,7 @@ class Lineage:
         tiling settings of predict."""
         settings = self.cfg.predict
         source = Path(settings.input).expanduser().resolve() if settings.input else None
-        found = key({"input": str(source), "fit": settings.fit, "mpp": settings.mpp})
+        found = artifact_key({"input": str(source), "fit": settings.fit, "mpp": settings.mpp})
         return Path(settings.output_dir) / ".parts" / f"{self.image.name}-{found}"
 
     def keys(self) -> dict[str, str]:

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet import CLASSES
-from breastnet.lineage import container
+from breastnet.artifacts import container
 from breastnet.report import ImageResult, Report
 from breastnet.report.metrics import headline
 from breastnet.report.result import label_name

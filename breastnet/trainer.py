@@ -10,9 +10,9 @@ from omegaconf import DictConfig
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_info
 
+from breastnet.artifacts import container
 from breastnet.data.sampling import sample_seed
 from breastnet.distributed import in_multirun, launched_per_rank, spawned
-from breastnet.lineage import container
 
 log = logging.getLogger(__name__)
 

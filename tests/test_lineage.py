@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from breastnet import CLASSES, lineage
+from breastnet import CLASSES, artifacts
 from breastnet.artifacts import config_hash
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError, build_index
+from breastnet.data.keys import build_index as index_data
 from breastnet.lineage import Lineage
 
 from conftest import compose_config, tissue_like, write_image
@@ -84,7 +85,7 @@ def keys(indexed: tuple[Path, Path], *overrides: str) -> dict[str, str]:
     """The keys of a config; a setting that keys an index of its own is indexed first."""
     root, data = indexed
     cfg = compose_config(root, *BASE, f"data.data_dir={data}", *overrides)
-    lineage.build_index(Path(cfg.data.work_dir), cfg.data)
+    index_data(Path(cfg.data.work_dir), cfg.data)
     return Lineage(cfg).keys()
 
 
@@ -101,7 +102,7 @@ def test_a_format_version_moves_every_key(
     """The salt of every key: an artifact whose content changes for the same settings is
     rebuilt (the split is named by the data it splits, not by a key)."""
     base = keys(indexed)
-    monkeypatch.setattr(lineage, "FORMAT", lineage.FORMAT + 1)
+    monkeypatch.setattr(artifacts, "FORMAT", artifacts.FORMAT + 1)
     changed = keys(indexed)
     assert {name for name in ARTIFACTS if base[name] != changed[name]} == set(ARTIFACTS) - {
         "split"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breastnet import lineage
+from breastnet.artifacts import artifact_key
 from breastnet.data.bach import DataError, build_index, read_index, write_index
+from breastnet.data.keys import cache_dir, dataset_key
 from breastnet.data.resolution import read_mpp, rescale
 from breastnet.data.store import PatchCache, StainSettings, Tiling, normalise_and_tile
 from breastnet.inference import ImageFiles
-from breastnet.lineage import cache_dir, dataset_key
 
 from conftest import compose_config, tissue_like, write_image
 
@@ -163,7 +163,7 @@ def test_cache_key_moves_only_off_the_defaults(tmp_path: Path) -> None:
         return cache_dir(tmp_path, compose_config(tmp_path, *overrides).data, stain).name
 
     data = compose_config(tmp_path).data
-    old = lineage.key(
+    old = artifact_key(
         {
             "data": dataset_key(data.data_dir, data.labels_csv),
             "tiling": {k: data[k] for k in ("tile_size", "stride", "patch_size")},

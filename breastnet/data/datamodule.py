@@ -20,9 +20,8 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from breastnet import lineage
 from breastnet.artifacts import locked
-from breastnet.data import bach
+from breastnet.data import bach, keys
 from breastnet.data.bach import IndexEntry
 from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, pad_collate
 from breastnet.data.reference import stain_reference
@@ -91,7 +90,7 @@ class BreastDataModule(pl.LightningDataModule):
     @property
     def index_path(self) -> Path:
         """This data set's index (one per data set: several share a work_dir)."""
-        return lineage.index_path(self.work_dir, self.hparams)
+        return keys.index_path(self.work_dir, self.hparams)
 
     @property
     def world_size(self) -> int:
@@ -108,7 +107,7 @@ class BreastDataModule(pl.LightningDataModule):
     # -- the long work, once (the prepare stage) --------------------------------------------
     def build(self) -> None:
         """Index, split, pick the stain reference and fill the patch cache (all reused)."""
-        entries = lineage.build_index(self.work_dir, self.hparams)
+        entries = keys.build_index(self.work_dir, self.hparams)
         self._locate(entries, build=True)
 
     def setup(self, stage: str | None = None) -> None:
@@ -185,12 +184,12 @@ class BreastDataModule(pl.LightningDataModule):
             self.split, self.split_path = (
                 (outer, outer_path) if hp.inner_fold is None else locate_split(inner=hp.inner_fold)
             )
-        settings = lineage.stain_settings(hp.stain, entries, outer_path.stem)
+        settings = keys.stain_settings(hp.stain, entries, outer_path.stem)
         self.stain = stain = StainSettings(
             stain_reference(self.work_dir, entries, hp.stain, settings, outer["train"], build),
             **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
         )
-        self.cache = PatchCache(lineage.cache_dir(self.work_dir, hp, settings))
+        self.cache = PatchCache(keys.cache_dir(self.work_dir, hp, settings))
         usable = [e for e in entries if e.usable]
         if build:
             self.records = self.cache.build(

@@ -9,10 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from breastnet import lineage
 from breastnet.artifacts import config_hash, locked, write_json
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
+from breastnet.data.keys import PICKED_REFERENCES
 from breastnet.data.stain import MacenkoNormalizer, StainReference, pick_reference
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def stain_reference(
     train: Sequence[str],
     build: bool,
 ) -> StainReference | None:
-    """The fitted reference of these ``settings`` (``lineage.stain_settings``; None: no stain
+    """The fitted reference of these ``settings`` (``keys.stain_settings``; None: no stain
     work), read back or (``build``) fitted now.
 
     Args:
@@ -54,7 +54,7 @@ def stain_reference(
 
 def _fit(path: Path, entries: list[IndexEntry], stain: Mapping, train: Sequence[str]):
     """Pick and fit the reference, write it to ``path``."""
-    if stain["reference"] in lineage.PICKED_REFERENCES:
+    if stain["reference"] in PICKED_REFERENCES:
         pool = set(train) if stain["reference"] == "train" else None
         ref_path = Path(most_typical(entries, stain, pool).path)
     else:

@@ -25,11 +25,11 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from breastnet.data.bach import build_index, read_index, read_rgb
+from breastnet.data.keys import index_path
 from breastnet.data.resolution import BACH_MPP
 from breastnet.data.splits import load_or_make_split
 from breastnet.data.stain import MacenkoNormalizer, StainReference
 from breastnet.data.store import Tiling, normalise_and_tile
-from breastnet.lineage import index_path
 from breastnet.models.backbone import build_backbone
 from breastnet.report.metrics import accuracy
 
