@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -24,7 +25,7 @@ from breastnet.quiet import quiet_known_noise
 
 log = logging.getLogger(__name__)
 
-# The repository's conf/ (breastnet is installed editable, as DESIGN.md says).
+# The repository's conf/ (breastnet is installed editable: docs/architecture.md).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Pipeline order; a stage is the module breastnet.stages.<name> with `run(cfg) -> dict`.
 PIPELINE = ("prepare", "patch", "features", "image", "evaluate", "predict")
@@ -52,10 +53,9 @@ def run_stages(cfg: DictConfig) -> dict[str, float]:
         log.info("stage %s", name)
         pl.seed_everything(cfg.seed + PIPELINE.index(name), workers=True, verbose=False)
         returned = stage.run(cfg)
-        if distributed.rank() == 0:
-            tracking.log_summary(cfg, returned)
+        # inside the failure broadcast: a W&B error on rank 0 stops every rank at once
+        distributed.on_rank_zero(partial(tracking.log_summary, cfg, returned))
         metrics |= returned
-        distributed.barrier()
     if distributed.rank() == 0:
         for key, value in metrics.items():
             log.info("%s: %s", key, value)
@@ -86,8 +86,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     finally:
         tracking.finish()  # one W&B run per job, also for sweep jobs sharing this process
-    if distributed.rank() == 0:
-        write_json(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
+    out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    distributed.on_rank_zero(lambda: write_json(out, metrics))
     return optimized(metrics, cfg.optimized_metric)
 
 

@@ -157,6 +157,9 @@ def test_a_failing_image_keeps_the_others(make_dm, monkeypatch: pytest.MonkeyPat
     dm = make_dm(skip_bad=True)
     dm.build()
     assert len(dm.records) == 19 and "Benign/b002" not in dm.records
+    loading = make_dm(skip_bad=True)
+    loading.setup()  # after prepare: no "run the prepare stage first"
+    assert "Benign/b002" not in loading.records and len(loading.datasets["train"]) > 0
 
 
 def test_white_image_and_background_tiles(make_dm, synthetic_dir: Path, tmp_path: Path) -> None:

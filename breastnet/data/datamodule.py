@@ -197,7 +197,8 @@ class BreastDataModule(pl.LightningDataModule):
             )
         else:
             self.records = self.cache.records()
-            if missing := self.cache.missing(usable):
+            skipped = self.cache.failed() if hp.skip_bad else {}  # prepare left them out
+            if missing := [e for e in self.cache.missing(usable) if e.image_id not in skipped]:
                 raise FileNotFoundError(
                     f"{len(missing)} image(s) missing from the patch cache {self.cache.root} "
                     f"(e.g. {missing[0].path}): run the prepare stage first"

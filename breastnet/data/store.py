@@ -29,6 +29,7 @@ from breastnet.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
+FAILED = "failed.json"  # images skipped under data.skip_bad after failing to tile
 TISSUE_LUMINOSITY = 0.8  # staintools' tissue mask: LAB lightness below 80 %
 
 
@@ -156,6 +157,11 @@ class PatchCache:
                 records[record["image_id"]] = record
         return records
 
+    def failed(self) -> dict[str, str]:
+        """Images that failed to tile and were skipped (``data.skip_bad``), with the error."""
+        path = self.root / FAILED
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def load(self, image_id: str) -> np.ndarray:
         """Patches of one image, memory-mapped (a patch read touches only its own bytes)."""
         return np.load(self.path(image_id), mmap_mode="r")
@@ -198,23 +204,26 @@ class PatchCache:
             if failures and not skip_bad:
                 raise DataError(
                     f"{len(failures)} image(s) failed in prepare (the others are cached):\n  "
-                    + "\n  ".join(failures)
+                    + "\n  ".join(failures.values())
                 )
-            for failure in failures:
+            for failure in failures.values():
                 log.warning("skipped: %s", failure)
+            if failures:  # kept, so loading knows they were left out on purpose
+                with locked(self.root / FAILED):
+                    write_json(self.root / FAILED, self.failed() | failures)
         records = self.records()
         return {e.image_id: records[e.image_id] for e in entries if e.image_id in records}
 
     def _run(
         self, todo: list[IndexEntry], tiling: Tiling, stain: StainSettings, num_workers: int
-    ) -> tuple[list[str], int]:
+    ) -> tuple[dict[str, str], int]:
         """Prepare ``todo`` (each image journaled as soon as it is done); returns the failures
-        and how many images this process tiled."""
-        failures, tiled = [], 0
+        (by image id) and how many images this process tiled."""
+        failures, tiled = {}, 0
         with tqdm(total=len(todo), desc="prepare", unit="img") as progress:
             for entry, outcome in self._outcomes(todo, tiling, stain, num_workers):
                 if isinstance(outcome, Exception):  # one bad image must not lose the others
-                    failures.append(f"{entry.path}: {outcome}")
+                    failures[entry.image_id] = f"{entry.path}: {outcome}"
                 else:
                     tiled += outcome
                 progress.update()
