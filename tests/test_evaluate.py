@@ -77,7 +77,11 @@ def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
     # What was evaluated, and prepare's audit of it: distinct generated images, no leak.
     split = saved["split"]
     assert split["n_images"] == {"train": 8, "val": 4, "test": 4}
-    assert split["text"] == "grouped by image: 8 train / 4 val / 4 test images, 8/4/4 groups"
+    assert split["text"] == (
+        "hold-out 0.5/0.25/0.25, by image: 8 train / 4 val / 4 test images, 8/4/4 groups"
+    )
+    assert metrics["eval/protocol"] == f"{split['name']}: {split['text']}"
+    assert saved["balanced_accuracy"] == metrics["eval/balanced_accuracy"]
     assert split["near_duplicates"] == 0 == metrics["eval/near_duplicates"]
     train = json.loads((trained[1] / "work" / "splits" / f"{split['name']}.json").read_text())
     audit = json.loads(
