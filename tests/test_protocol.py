@@ -118,7 +118,10 @@ def test_a_renamed_copy_resolves_through_its_bach_name_column() -> None:
 def test_a_label_csv_column_of_bach_names(tmp_path: Path) -> None:
     renamed = [f"{c}/img{k}" for c in CLASSES for k in range(3)]
     first = {"Benign": 1, "InSitu": 60, "Invasive": 1, "Normal": 1}
-    names = {f"{c}/img{k}": f"{PREFIX[c]}{first[c] + k:03d}.tif" for c in CLASSES for k in range(3)}
+    names = {
+        i: f"{PREFIX[i.split('/')[0]]}{first[i.split('/')[0]] + int(i[-1]):03d}.tif"
+        for i in renamed
+    }
     labels = tmp_path / "labels.csv"
     labels.write_text(
         "file,label,bach\n" + "".join(f"{i}.png,{i.split('/')[0]},{names[i]}\n" for i in renamed)

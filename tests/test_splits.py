@@ -12,10 +12,10 @@ from breastnet.data.bach import DataError, IndexEntry, data_fingerprint
 from breastnet.data.groups import resolve_groups
 from breastnet.data.splits import (
     SIDES,
+    SplitSpec,
     crossing_groups,
     holdout_split,
     kfold_split,
-    SplitSpec,
     load_or_make_split,
     split_name,
     split_summary,

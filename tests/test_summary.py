@@ -26,6 +26,8 @@ JOBS = [
     (["image_model=mean", "data.fold=0", "seed=1"], {"image/test_acc": 0.5, "n_images": 40}),
     (["image_model=mean", "data.fold=1", "seed=1"], None),
 ]
+
+
 def approx_stats(expected: dict):
     """pytest.approx over a metric's stats, its list of values included."""
     return {k: pytest.approx(v) for k, v in expected.items()}
