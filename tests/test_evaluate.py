@@ -248,8 +248,11 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
     assert staged  # the checkpoint copies wait there for `wandb sync`, not in the home dir
     # Each stage under its own keys, in one run: every returned number is in the summary...
     for key, value in metrics.items():
-        assert summary[key] == pytest.approx(value), key
+        assert summary[key] == (value if isinstance(value, str) else pytest.approx(value)), key
     assert {"patch/test_acc", "features/patch_acc_test", "image/val_acc_best"} <= set(summary)
+    # no number without its protocol, balanced accuracy beside accuracy
+    assert summary["eval/protocol"].startswith("holdout-0.5-0.25-0.25-seed2019-")
+    assert "eval/balanced_accuracy" in summary
     # ...and both models' curves, which never share a key.
     for stage in ("patch", "image"):
         for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_select", "test_acc"):

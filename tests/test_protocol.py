@@ -1,6 +1,7 @@
 """BACH's published protocol: eva's split, the organisers' patient groups, split files."""
 
 import csv
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -8,12 +9,15 @@ from pathlib import Path
 import pytest
 
 from breastnet import CLASSES
+from breastnet.cli import run_stages
 from breastnet.data.bach import DataError, IndexEntry
 from breastnet.data.groups import resolve_groups
 from breastnet.data.published import BachName, bach_patients, eva_side, parse_bach_name
 from breastnet.data.splits import SIDES, SplitSpec, crossing_groups, make_split
+from breastnet.lineage import Lineage
+from breastnet.synthetic import write_synthetic_dataset
 
-from conftest import ROOT
+from conftest import ROOT, SMALL_RUN, compose_config
 
 PREFIX = {"Benign": "b", "InSitu": "is", "Invasive": "iv", "Normal": "n"}
 BACH_DEV_CSV = Path(
@@ -203,3 +207,41 @@ def test_settings_that_cannot_go_together() -> None:
         SplitSpec(split="eva", folds=5)
     with pytest.raises(ValueError, match="val_fraction"):
         SplitSpec(split="eva", val_fraction=1.0)
+
+
+def test_prepare_makes_evas_split_of_a_renamed_generated_copy(tmp_path: Path) -> None:
+    """The pipeline's own prepare stage: generated files renamed by a label CSV's column of
+    BACH names get eva's sides, val carved from eva's training side in whole groups."""
+    data = write_synthetic_dataset(tmp_path / "data", 6, 128, 128, seed=1)
+    # Per class three BACH numbers eva trains on (three blocks of 10), three it reports.
+    numbers = {
+        "Benign": (1, 11, 21, 42, 43, 44),
+        "InSitu": (1, 11, 21, 41, 42, 43),
+        "Invasive": (1, 11, 21, 42, 43, 44),
+        "Normal": (1, 11, 21, 50, 51, 52),
+    }
+    rows = [
+        (f"{c}/{PREFIX[c]}{k:03d}.png", c, f"{PREFIX[c]}{n:03d}.tif")
+        for c in CLASSES
+        for k, n in enumerate(numbers[c])
+    ]
+    labels = tmp_path / "bach_names.csv"
+    labels.write_text("file,label,bach\n" + "".join(",".join(r) + "\n" for r in rows))
+    cfg = compose_config(
+        tmp_path,
+        *SMALL_RUN,
+        f"data.data_dir={data}",
+        f"data.labels_csv={labels}",
+        "data.split=eva",
+        "data.groups=bach",
+        "data.bach_names=bach",
+        "stages=[prepare]",
+    )
+    metrics = run_stages(cfg)
+    assert (metrics["data/n_train_images"], metrics["data/n_val_images"]) == (8, 4)
+    assert metrics["data/n_test_images"] == 12
+    path = Lineage(cfg).split
+    assert path.name.startswith("eva-val0.2-groups_bach-names_bach-seed2019-")
+    split = json.loads(path.read_text())
+    reported = {f"{c}/{PREFIX[c]}{k:03d}" for c in CLASSES for k in range(3, 6)}
+    assert set(split["test"]) == reported

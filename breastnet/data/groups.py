@@ -63,7 +63,12 @@ def spec_token(spec: str) -> str:
         return f"blocks{arg}"
     if kind == "regex":
         return f"regex-{config_hash(spec, 8)}"
-    return f"col-{arg}" if re.fullmatch(r"\w+", arg) else f"col-{config_hash(arg, 8)}"
+    return f"col-{column_token(arg)}"
+
+
+def column_token(column: str) -> str:
+    """A label-CSV column's name, or its hash where it is not file-name-safe."""
+    return column if re.fullmatch(r"\w+", column) else config_hash(column, 8)
 
 
 def _relative(entry: IndexEntry) -> str:

@@ -28,7 +28,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from breastnet import CLASSES
 from breastnet.artifacts import write_json
 from breastnet.data.bach import DataError, IndexEntry, data_fingerprint
-from breastnet.data.groups import bach_names, resolve_groups, spec_token
+from breastnet.data.groups import bach_names, column_token, resolve_groups, spec_token
 from breastnet.data.published import eva_side
 
 log = logging.getLogger(__name__)
@@ -516,7 +516,7 @@ def split_name(spec: SplitSpec, data: str) -> str:
     """
     grouping = f"-groups_{spec_token(spec.groups)}" if spec.groups is not None else ""
     if spec.bach_names and (spec.groups == "bach" or spec.split == "eva"):
-        grouping += f"-names_{spec_token(spec.bach_names)[4:]}"  # the column's token
+        grouping += f"-names_{column_token(spec.bach_names)}"
     tail = f"{grouping}-seed{spec.seed}-{data}"
     val = f"-val{spec.val_fraction:g}"
     if spec.split_file is not None:
