@@ -1,7 +1,7 @@
 """Macenko stain normalisation: staintools' stain matrix, a vectorised concentration solve.
 
-staintools is the reference (see DESIGN.md, "Stain work"): its extractor is reused as is, but
-its ``StainNormalizer.transform`` solves a spams lasso per pixel, wraps on the uint8 cast,
+staintools is the reference (docs/architecture.md, "Stain work"): its extractor is reused as
+is, but its ``StainNormalizer.transform`` solves a spams lasso per pixel, wraps on the uint8 cast,
 mutates its input and raises on blank images. Here the concentrations come from one matmul
 with a precomputed pseudo-inverse, and the lasso stays selectable as the oracle.
 """

@@ -2,7 +2,8 @@
 
 Patches are stain-normalised before they are cached, so they all share the reference stain
 matrix: the jitter reuses it instead of re-estimating stains per patch as albumentations'
-``HEStain(method="macenko")`` does (~80 patches/s against >500/s here; DESIGN.md).
+``HEStain(method="macenko")`` does (~80 patches/s against >500/s here; docs/architecture.md,
+"Stain work").
 """
 
 from typing import Any

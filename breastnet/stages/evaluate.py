@@ -1,9 +1,9 @@
 """Stage ``evaluate``: metrics, plots, predictions and an HTML page for one split.
 
 Runs the trained image model (on every rank, with the trainer's accelerator) over the images
-of ``evaluate.split`` and writes ``work_dir/reports/<hash>/``: ``metrics.json`` (DESIGN.md's
-keys), ``predictions.csv``, the PNGs and ``index.html``; with ``logger=wandb`` the same go to
-the W&B run.
+of ``evaluate.split`` and writes ``work_dir/reports/<hash>/``: ``metrics.json``
+(docs/architecture.md, "metrics.json"), ``predictions.csv``, the PNGs and ``index.html``;
+with ``logger=wandb`` the same go to the W&B run.
 """
 
 import json
