@@ -116,7 +116,8 @@ def _prepare_one(entry: IndexEntry, root: Path, tiling: Tiling, stain: StainSett
     cache = PatchCache(root)
     out = cache.path(entry.image_id)
     with locked(out):
-        if not cache.missing([entry]):
+        # No array: nobody built it. An array: another process may have (read its journal).
+        if out.is_file() and not cache.missing([entry]):
             return False
         image, _ = read_rgb(entry.path)
         normalizer = stain.normalizer()
