@@ -38,8 +38,9 @@ BENCHMARKS = {
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four generated JPEG images per class (bach-dev's format), in BACH layout."""
-    return write_synthetic_dataset(tmp_path_factory.mktemp("bench"), 4, 256, 192, ext="jpeg")
+    """Ten generated JPEG images per class (bach-dev's format), in BACH layout: enough for
+    the default split of bench_train_step's DataModule."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("bench"), 10, 256, 192, ext="jpeg")
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:
