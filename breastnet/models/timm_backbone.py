@@ -9,6 +9,7 @@ or the Hugging Face cache (``breastnet.models.weights``), never downloaded by ti
 """
 
 import os
+import sys
 from typing import Any
 
 import timm
@@ -167,27 +168,45 @@ class TimmBackbone(PatchNet):
     def load_pretrained(self, weights: str | os.PathLike) -> None:
         """Load a weights file (or ``hf-hub:<repo>``'s cached one) strictly into the model;
         the file's own classifier (timm's ``head``...) is dropped: ours is ``self.head``."""
-        what = f"timm {self.name}" + (f" (licence: {self.licence})" if self.licence else "")
-        source = resolve_weights(weights, f"{self.name}'s weights come from {self.repo}: {what}")
+        source = resolve_weights(weights, source_of(self.name, self.repo, self.licence))
         if source is None:
             return
+        what = f"timm {self.name}" + (f" (licence: {self.licence})" if self.licence else "")
         classifier = self.model.pretrained_cfg.get("classifier", "head")
         skip = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        load_strict(self.model, read_state_dict(source), source, what, skip)
+        state = read_state_dict(source)
+        # What timm applies to its own hub files: other checkpoint layouts (DINO, DINOv2...)
+        # onto its keys, position embeddings resized to the model's grid.
+        convert = getattr(sys.modules[type(self.model).__module__], "checkpoint_filter_fn", None)
+        if convert is not None:
+            state = convert(state, self.model)
+        load_strict(self.model, state, source, what, skip)
         self.pretrained = True
 
 
-def build_timm_backbone(weights: str | os.PathLike = "none", **settings: Any) -> TimmBackbone:
+def source_of(name: str, repo: str | None, licence: str | None) -> str:
+    """Where an encoder's weights come from and on what terms, for a missing-file message."""
+    terms = licence or "see its model card"
+    return f"{name}'s weights come from {repo or 'its publisher'} (licence: {terms})"
+
+
+def build_timm_backbone(
+    weights: str | os.PathLike | None = "none", **settings: Any
+) -> TimmBackbone:
     """Build a ``TimmBackbone`` (``settings``: its arguments) and load ``weights``: ``none``
     (random init), ``hf-hub:<owner>/<repo>`` (from the Hugging Face cache; offline with
-    ``HF_HUB_OFFLINE=1``) or a ``.safetensors``/``.bin``/``.pth`` file."""
-    net = TimmBackbone(**settings)
+    ``HF_HUB_OFFLINE=1``) or a ``.safetensors``/``.bin``/``.pth`` file. A missing file fails
+    before the model is built (a ViT-g takes a while)."""
+    about = source_of(settings.get("name", "?"), settings.get("repo"), settings.get("licence"))
     if weights is None:
-        raise ValueError(
-            f"patch_model.net.weights is not set for {settings.get('name')}: download the "
-            f"weights from {settings.get('repo')} ({settings.get('licence')}) and pass "
-            "patch_model.net.weights=/path/to/file, or weights=none for a random init"
+        raise FileNotFoundError(
+            f"patch_model.net.weights is not set: {about}. Download the file and pass "
+            "patch_model.net.weights=/path/to/it (weights=none: a random init)"
         )
-    if str(weights) != "none":
-        net.load_pretrained(weights)
+    source = resolve_weights(weights, about)
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"weights file {source} not found: {about}")
+    net = TimmBackbone(**settings)
+    if source is not None:
+        net.load_pretrained(source)
     return net
