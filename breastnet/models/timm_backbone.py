@@ -121,12 +121,10 @@ class TimmBackbone(PatchNet):
         if self.train_blocks is None:
             return []
         ids = self.layer_ids()
-        last = max(ids.values())  # the final norm's group
-        if not 0 <= self.train_blocks < last:
-            raise ValueError(
-                f"train_blocks={self.train_blocks}: {self.name} has {last - 1} blocks"
-            )
-        first = last - self.train_blocks
+        blocks = max(ids.values())  # group 0 is the stem; the final norm joins the last block
+        if not 0 <= self.train_blocks <= blocks:
+            raise ValueError(f"train_blocks={self.train_blocks}: {self.name} has {blocks} blocks")
+        first = blocks - self.train_blocks + 1
         return [p for n, p in self.model.named_parameters() if ids[n] < first]
 
     def head_parameters(self) -> list[nn.Parameter]:
