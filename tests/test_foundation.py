@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ENTRIES = sorted(
     p.stem
     for p in (CONF / "patch_model").glob("*.yaml")
-    if "timm" in p.read_text().split("defaults:")[-1].split("\n\n")[0]
+    if "  - timm\n" in p.read_text()
 )
 """The registry: every conf/patch_model entry built on timm.yaml."""
 TINY = ["patch_model=timm", "patch_model.net.name=vit_tiny_patch16_224"]
