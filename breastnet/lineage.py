@@ -52,6 +52,8 @@ PLACEMENT_KEYS = frozenset(
     }
 )
 STAIN_KEYS = ("method", "solver", "luminosity_threshold", "angular_percentile")
+# Network settings that change only what trains (a frozen encoder's key leaves them out).
+TRAINING_NET_KEYS = ("freeze_bn", "train_from", "train_blocks")
 # image-stage keys of the out-of-fold features (the features key holds them).
 OOF_KEYS = ("train_features", "oof_folds")
 # stain.reference values that pick an image of the data: any (`auto`) or the training side's.
@@ -217,8 +219,9 @@ class Lineage:
         key (no checkpoint is written), of the cache, split and network alone."""
         cfg = self.cfg
         model = patch_model_settings(cfg.patch_model)
-        if self.frozen:
-            settings = {"cache": self.cache.name, "split": self.split.stem, "encoder": model}
+        if self.frozen:  # what trains and how is moot: the network and its weights alone
+            net = {k: v for k, v in model["net"].items() if k not in TRAINING_NET_KEYS}
+            settings = {"cache": self.cache.name, "split": self.split.stem, "encoder": net}
             return self.work_dir / "patch" / config_hash(settings)
         key = config_hash(
             {

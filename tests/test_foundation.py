@@ -27,9 +27,7 @@ from conftest import CONF, SHARED_MOBILENET, compose_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENTRIES = sorted(
-    p.stem
-    for p in (CONF / "patch_model").glob("*.yaml")
-    if "  - timm\n" in p.read_text()
+    p.stem for p in (CONF / "patch_model").glob("*.yaml") if "  - timm\n" in p.read_text()
 )
 """The registry: every conf/patch_model entry built on timm.yaml."""
 TINY = ["patch_model=timm", "patch_model.net.name=vit_tiny_patch16_224"]
