@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from breastnet.cli import run_stages
 from breastnet.data.feature_store import FeatureStore
-from breastnet.errors import is_user_error, unwrap
+from breastnet.errors import ConfigError, is_user_error, unwrap
 from breastnet.lineage import Lineage
 from breastnet.models.timm_backbone import TimmBackbone, build_timm_backbone
 from breastnet.prediction import PartWriter
@@ -313,6 +313,17 @@ def test_frozen_encoder_through_the_whole_pipeline(
     report = lineage.report("test")
     provenance = json.loads((report / "provenance.json").read_text())
     assert [c["path"] for c in provenance["checkpoints"]][0] == str(tiny_file)
+    # An aggregator of patch probabilities has nothing to read from a frozen encoder.
+    vote = compose_config(
+        tmp_path,
+        *FOUNDATION_RUN,
+        f"data.data_dir={generated}",
+        f"patch_model.net.weights={tiny_file}",
+        "image_model=vote",
+        "stages=[image]",
+    )
+    with pytest.raises(ConfigError, match="image_model=Vote reads patch probabilities"):
+        run_stages(vote)
     # The same weights file elsewhere: the same encoder key, every artifact reused.
     copy = tmp_path / "elsewhere" / "renamed.safetensors"
     copy.parent.mkdir()

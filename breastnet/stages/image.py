@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from breastnet.artifacts import finished_metrics
 from breastnet.data.feature_store import FeatureStore
+from breastnet.errors import ConfigError
 from breastnet.inference import build_image_model, load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.stages.common import train_and_test
@@ -30,6 +31,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(
             "image.train_features=oof needs the features stage's cached features: it does not "
             "apply with image.end_to_end=true"
+        )
+    if lineage.frozen and "feature_dim" not in cfg.image_model.aggregator:
+        raise ConfigError(
+            f"image_model={cfg.image_model.aggregator._target_.rsplit('.', 1)[-1]} reads patch "
+            "probabilities, which a frozen encoder (patch_model.freeze=true) does not give: "
+            "use image_model=attention, mean_features or bilstm"
         )
     out = lineage.image
     if (done := finished_metrics(out)) is not None:
