@@ -111,6 +111,8 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
         [
             "image accuracy",
             "95 % CI",
+            "balanced accuracy",
+            "95 % CI",
             "patch accuracy",
             "macro AUC",
             "95 % CI",
@@ -121,6 +123,8 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
             [
                 _fmt(metrics["image_accuracy"]),
                 _fmt_ci(metrics["image_accuracy_ci"]),
+                _fmt(metrics["balanced_accuracy"]),
+                _fmt_ci(metrics["balanced_accuracy_ci"]),
                 _fmt(metrics["patch_accuracy"]),
                 _fmt(metrics["macro_auc"]),
                 _fmt_ci(metrics["macro_auc_ci"]),
@@ -128,7 +132,7 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
                 "n/a" if metrics["n_patches"] is None else str(metrics["n_patches"]),
             ]
         ],
-        numeric=set(range(7)),
+        numeric=set(range(9)),
     )
     per_class = _table(
         ["class", "sensitivity", "specificity", "AUC", "n"],

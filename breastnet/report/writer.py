@@ -26,7 +26,15 @@ from breastnet.report.result import ImageResult, class_name, label_name
 
 # metrics.json's 4-class keys when the labels are only the 2-class groups
 _NO_FOUR_CLASS = dict.fromkeys(
-    ("image_accuracy", "image_accuracy_ci", "patch_accuracy", "macro_auc", "macro_auc_ci")
+    (
+        "image_accuracy",
+        "image_accuracy_ci",
+        "balanced_accuracy",
+        "balanced_accuracy_ci",
+        "patch_accuracy",
+        "macro_auc",
+        "macro_auc_ci",
+    )
 ) | {"per_class": None, "confusion_matrix": None, "n_images": 0, "n_patches": None}
 
 
