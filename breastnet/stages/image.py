@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "image.train_features=oof needs the features stage's cached features: it does not "
             "apply with image.end_to_end=true"
         )
-    if lineage.frozen and "feature_dim" not in cfg.image_model.aggregator:
+    if lineage.frozen and "feature_dim" not in cfg.image_model.aggregator.keys():  # noqa: SIM118 (a ??? value is not `in` a DictConfig)
         raise ConfigError(
             f"image_model={cfg.image_model.aggregator._target_.rsplit('.', 1)[-1]} reads patch "
             "probabilities, which a frozen encoder (patch_model.freeze=true) does not give: "

@@ -6,14 +6,13 @@ probabilities) twice: as the single ``features/<key>.pt`` the features stage wro
 (``breastnet.data.feature_store``: one file per image and a manifest). Then, each in a fresh
 process, one epoch of what the image stage does with them: the training images through a
 DataLoader (``pad_collate``, batches of 16) into a mean-features linear head, forward,
-backward and an optimiser step. Prints each process's peak resident memory (ru_maxrss).
+backward and an optimiser step. Prints each process's peak resident memory (VmHWM).
 
     .venv/bin/python experiments/bench_features/memory.py [--images 2000] [--tiles 36]
         [--width 1536] [--dir /tmp/features_memory]
 """
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
@@ -108,8 +107,17 @@ def one_epoch(args: argparse.Namespace) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(f"| {args.run} | {peak:.0f} MiB | {time.perf_counter() - start:.1f} s |")
+    print(f"| {args.run} | {peak_memory():.0f} MiB | {time.perf_counter() - start:.1f} s |")
+
+
+def peak_memory() -> float:
+    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (unlike
+    ru_maxrss, which Linux carries over from the parent that generated the data)."""
+    status = Path("/proc/self/status").read_text()
+    return (
+        int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+        / 1024
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
