@@ -24,3 +24,13 @@ def wandb_mode() -> str:
 
 
 OmegaConf.register_new_resolver("wandb_mode", wandb_mode, replace=True)
+
+
+def tile_px(patch_size: int, native_mpp: float | None, mpp: float) -> int:
+    """Source pixels at ``mpp`` of a tile that, resized to ``patch_size``, lands at an
+    encoder's ``native_mpp`` (224 px at 0.5 µm/px from 0.42 µm/px files: 267 px);
+    ``patch_size`` itself when the encoder has no native pixel size."""
+    return round(patch_size * native_mpp / mpp) if native_mpp else int(patch_size)
+
+
+OmegaConf.register_new_resolver("tile_px", tile_px, replace=True)

@@ -2,7 +2,7 @@
 
 Two kinds of descriptor, compared by cosine similarity:
 
-- ``features``: the features stage's file; an image is the mean of its patch features, centred
+- ``features``: the features stage's store; an image is the mean of its patch features, centred
   on the mean over all images of the file (uncentred, every ReLU feature vector looks alike).
 - ``images``: any folder; an image is its 32x32 area-averaged thumbnail, each colour channel
   centred on its mean and scaled by the image's standard deviation (a correlation of
@@ -19,7 +19,7 @@ image route misses crops.
 
 The prepare stage audits its split by thumbnails (``audit_split``; ``audit.enabled``,
 ``audit.threshold``) and warns when near-duplicates cross it; evaluate shows the closest pairs.
-Any folder and split file: ``python -m breastnet.audit <features.pt | folder> <split.json>``.
+Any folder and split file: ``python -m breastnet.audit <features/<key> | folder> <split.json>``.
 """
 
 import argparse
@@ -37,6 +37,7 @@ from PIL import Image
 
 from breastnet.artifacts import atomic_write, write_json, write_text
 from breastnet.data.bach import DataError, IndexEntry, data_fingerprint, find_images, read_rgb
+from breastnet.data.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,12 @@ def feature_descriptors(images: Mapping[str, Mapping]) -> dict[str, np.ndarray]:
 
 
 def load_descriptors(source: Path, image_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
-    """Descriptors of ``image_ids`` from a features file or an image folder, and their kind."""
-    if source.is_dir():
+    """Descriptors of ``image_ids`` from a features store (or an older single features file)
+    or an image folder, and their kind."""
+    store = FeatureStore(source) if FeatureStore.is_complete(source) else None
+    if store is not None:
+        kind, paths = "features", dict.fromkeys(store)
+    elif source.is_dir():
         found = {p.relative_to(source).with_suffix("").as_posix(): p for p in find_images(source)}
         kind, paths = "images", found
     else:
@@ -95,7 +100,7 @@ def load_descriptors(source: Path, image_ids: Sequence[str]) -> tuple[dict[str, 
         raise DataError(
             f"{source}: {len(missing)} image(s) of the split missing, e.g. {missing[0]}"
         )
-    wanted = {i: paths[i] for i in image_ids}
+    wanted = {i: store.load(i) if store else paths[i] for i in image_ids}
     describe = image_descriptors if kind == "images" else feature_descriptors
     return describe(wanted), kind
 
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m breastnet.audit", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("source", type=Path, help="features .pt file or folder of images")
+    parser.add_argument("source", type=Path, help="features store or image folder")
     parser.add_argument("split", type=Path, help="split JSON (work_dir/splits/<name>.json)")
     parser.add_argument(
         "--threshold",

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from breastnet import distributed, tracking
 from breastnet.artifacts import write_json
-from breastnet.errors import ConfigError, is_user_error
+from breastnet.errors import ConfigError, is_user_error, unwrap
 from breastnet.quiet import quiet_known_noise
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def main(cfg: DictConfig) -> float | None:
             if multirun:  # Hydra shows a single run's error itself
                 log.exception("job failed")  # into the job's log, which breastnet.summary shows
             raise
-        log.error("%s", e)  # on the console and in the job's log
+        log.error("%s", unwrap(e))  # on the console and in the job's log
         if multirun:  # the other jobs go on; the sweep ends with this message and status 1
             raise JobFailed(str(e)) from e
         sys.exit(1)

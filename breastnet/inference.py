@@ -20,10 +20,11 @@ from torch.utils.data import Dataset
 from breastnet.artifacts import container, finished_metrics
 from breastnet.data.bach import DataError, read_rgb
 from breastnet.data.datasets import to_tensor
+from breastnet.data.feature_store import FeatureStore
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
 from breastnet.lineage import Lineage
-from breastnet.models.backbone import Backbone
+from breastnet.models.backbone import PatchNet
 from breastnet.models.embedding import Embedder
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
@@ -39,7 +40,10 @@ def _best_checkpoint(out_dir: Path, stage: str) -> Path:
 
 
 def load_patch_model(cfg: DictConfig, lineage: Lineage) -> PatchClassifier:
-    """The best checkpoint of the patch stage for this config, on the CPU, in eval mode."""
+    """The best checkpoint of the patch stage for this config, on the CPU, in eval mode; a
+    frozen encoder (``patch_model.freeze``) as its weights file gives it."""
+    if lineage.frozen:
+        return instantiate(cfg.patch_model).eval()
     checkpoint = _best_checkpoint(lineage.patch, "patch")
     net = instantiate(cfg.patch_model.net, weights="none")  # the checkpoint holds the weights
     model = PatchClassifier.load_from_checkpoint(
@@ -49,7 +53,7 @@ def load_patch_model(cfg: DictConfig, lineage: Lineage) -> PatchClassifier:
 
 
 def build_image_model(
-    cfg: DictConfig, feature_dim: int, backbone: Backbone | None = None
+    cfg: DictConfig, feature_dim: int, backbone: PatchNet | None = None
 ) -> ImageClassifier:
     """The ImageClassifier of ``cfg.image_model`` for features of width ``feature_dim``."""
     settings = container(cfg.image_model)
@@ -61,9 +65,14 @@ def build_image_model(
 def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
     """The best checkpoint of the image stage for this config, on the CPU, in eval mode."""
     checkpoint = _best_checkpoint(lineage.image, "image")
-    # The patch CNN's width sizes the aggregator; end to end, the CNN is part of the model.
-    net: Backbone = instantiate(cfg.patch_model.net, weights="none")
-    model = build_image_model(cfg, net.feature_dim, net if cfg.image.end_to_end else None)
+    # End to end, the CNN is part of the model and its width sizes the aggregator; else the
+    # features store's width does (no need to build a ViT-g for its width).
+    if cfg.image.end_to_end:
+        net: PatchNet | None = instantiate(cfg.patch_model.net, weights="none")
+        width = net.feature_dim
+    else:
+        net, width = None, FeatureStore(lineage.features).width
+    model = build_image_model(cfg, width, net)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(state)
     return model.eval()
@@ -72,8 +81,12 @@ def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
 def used_checkpoints(lineage: Lineage, image_model: ImageClassifier) -> list[Path]:
     """The checkpoints behind the image model's outputs, for a report's provenance: the patch
     model's, which embedded the patches (cached features or ``image_embedder``), unless the
-    image model has its own CNN (end to end), and the image model's."""
+    image model has its own CNN (end to end), and the image model's. A frozen encoder's
+    weights file counts as its patch model."""
     patch = [] if image_model.backbone is not None else [lineage.patch / "best.ckpt"]
+    if lineage.frozen:
+        weights = Path(str(lineage.cfg.patch_model.net.weights)).expanduser()
+        patch = [weights] if weights.is_file() else []
     return [*patch, lineage.image / "best.ckpt"]
 
 

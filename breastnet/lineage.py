@@ -12,8 +12,9 @@ salted with ``FORMAT`` (bumped when what an artifact holds changes, so no old on
     stain    <- stain settings, the reference (auto: the data fingerprint; train: the split;
                 a file: its sha1)
     cache    <- index key, stain, tiling (pixel size and fit rule when not the defaults)
-    patch    <- cache, split (or inner split), augmentation, global batch, patch model,
-                training settings, seed
+    patch    <- cache, split (or inner split), augmentation, global batch, patch model
+                (its weights file by content hash), training settings, seed; a frozen
+                encoder: cache, split and network alone
     features <- patch, TTA; out-of-fold: the number of inner patch models
     image    <- features (end to end: patch), image model, image stage settings, seed
     report   <- image, evaluated split
@@ -37,6 +38,7 @@ from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
 from breastnet.data.keys import cache_dir, index_path, stain_settings
 from breastnet.data.splits import SplitSpec, inner_name, split_name
+from breastnet.models.weights import weights_fingerprint
 
 # Trainer keys that say where a run executes, not what it learns: left out of model keys.
 PLACEMENT_KEYS = frozenset(
@@ -53,6 +55,8 @@ PLACEMENT_KEYS = frozenset(
         "enable_model_summary",
     }
 )
+# Network settings that change only what trains (a frozen encoder's key leaves them out).
+TRAINING_NET_KEYS = ("freeze_bn", "train_from", "train_blocks")
 # image-stage keys of the out-of-fold features (the features key holds them).
 OOF_KEYS = ("train_features", "oof_folds")
 
@@ -60,6 +64,18 @@ OOF_KEYS = ("train_features", "oof_folds")
 def training_settings(trainer_cfg: Any) -> dict:
     """The trainer settings that shape a model (epochs, precision, clipping...)."""
     return {k: v for k, v in container(trainer_cfg).items() if k not in PLACEMENT_KEYS}
+
+
+def patch_model_settings(patch_model: Any) -> dict:
+    """The patch model's settings as a key sees them: a weights file by its content hash, not
+    its path (a copy elsewhere keeps the key, another file under the same name does not);
+    the untouched defaults ``freeze`` and ``layer_decay`` left out, as before they existed."""
+    settings = container(patch_model)
+    settings["net"]["weights"] = weights_fingerprint(settings["net"].get("weights"))
+    for key in ("freeze", "layer_decay"):
+        if not settings.get(key):
+            settings.pop(key, None)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -129,16 +145,29 @@ class Lineage:
     def cache(self) -> Path:
         return cache_dir(self.work_dir, self.cfg.data, self.stain)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the patch network is a fixed encoder (``patch_model.freeze``): no patch
+        training, so nothing of the training settings shapes its features."""
+        return bool(self.cfg.patch_model.get("freeze", False))
+
     @cached_property
     def patch(self) -> Path:
+        """``work_dir/patch/<key>``: the fine-tuned patch model; for a frozen encoder only the
+        key (no checkpoint is written), of the cache, split and network alone."""
         cfg = self.cfg
+        model = patch_model_settings(cfg.patch_model)
+        if self.frozen:  # what trains and how is moot: the network and its weights alone
+            net = {k: v for k, v in model["net"].items() if k not in TRAINING_NET_KEYS}
+            settings = {"cache": self.cache.name, "split": self.split.stem, "encoder": net}
+            return self.work_dir / "patch" / artifact_key(settings)
         found = artifact_key(
             {
                 "cache": self.cache.name,
                 "split": self.split.stem,
                 "augment": container(cfg.data.augment),  # what the DataModule applies
                 "batch": {k: cfg.data[k] for k in ("batch_size", "min_tissue")},
-                "patch_model": container(cfg.patch_model),
+                "patch_model": model,
                 "trainer": training_settings(cfg.trainer),
                 "patch": container(cfg.patch),  # early stopping
                 "seed": cfg.seed,
@@ -148,10 +177,11 @@ class Lineage:
 
     @cached_property
     def features(self) -> Path:
+        """``work_dir/features/<key>/``: the features store (``breastnet.data.feature_store``)."""
         settings = {"patch": self.patch.name, "tta": self.cfg.features.tta}
         if self.oof_folds:  # in-sample features keep the key they had before oof existed
             settings["oof_folds"] = self.oof_folds
-        return self.work_dir / "features" / f"{artifact_key(settings)}.pt"
+        return self.work_dir / "features" / artifact_key(settings)
 
     @cached_property
     def image(self) -> Path:

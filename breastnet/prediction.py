@@ -44,19 +44,17 @@ class PartWriter(BasePredictionWriter):
             atomic_write(path, lambda f, image=image: torch.save(image, f))
 
 
-def predict_images(
+def run_parts(
     cfg: DictConfig,
     embedder: Embedder,
     dataset: Dataset,
     image_ids: list[str],
     parts_dir: Path,
     name: str,
-) -> dict[str, dict[str, Any]]:
-    """Every image's output (``image_ids[i]`` is sample ``i`` of ``dataset``), by id, on
-    rank 0 (the one that writes what is made of them); an empty dict on the other ranks.
-
-    Only images without a saved part are run.
-    """
+) -> None:
+    """Run ``embedder`` over the images without a saved part (``image_ids[i]`` is sample
+    ``i`` of ``dataset``) on every rank, each rank saving its images' parts; returns when
+    every rank is done."""
     todo = [
         i for i, image_id in enumerate(image_ids) if not part_path(parts_dir, image_id).exists()
     ]
@@ -77,12 +75,30 @@ def predict_images(
         )
         trainer.predict(embedder, loader, return_predictions=False)
     barrier()
-    outputs: dict[str, dict[str, Any]] = {}
+
+
+def read_part(parts_dir: Path, image_id: str, name: str) -> dict[str, Any]:
+    """One image's saved output; a missing one is an error naming the stage and image."""
+    path = part_path(parts_dir, image_id)
+    if not path.is_file():
+        raise RuntimeError(f"{name}: no output for {image_id} in {parts_dir}")
+    return torch.load(path, weights_only=False)
+
+
+def predict_images(
+    cfg: DictConfig,
+    embedder: Embedder,
+    dataset: Dataset,
+    image_ids: list[str],
+    parts_dir: Path,
+    name: str,
+) -> dict[str, dict[str, Any]]:
+    """Every image's output (``image_ids[i]`` is sample ``i`` of ``dataset``), by id, on
+    rank 0 (the one that writes what is made of them); an empty dict on the other ranks.
+
+    Only images without a saved part are run.
+    """
+    run_parts(cfg, embedder, dataset, image_ids, parts_dir, name)
     if rank() != 0:
-        return outputs
-    for image_id in image_ids:
-        path = part_path(parts_dir, image_id)
-        if not path.is_file():
-            raise RuntimeError(f"{name}: no output for {image_id} in {parts_dir}")
-        outputs[image_id] = torch.load(path, weights_only=False)
-    return outputs
+        return {}
+    return {image_id: read_part(parts_dir, image_id, name) for image_id in image_ids}

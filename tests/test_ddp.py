@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from breastnet.data.feature_store import FeatureStore
 from breastnet.synthetic import write_synthetic_dataset
 from breastnet.synthetic.rescan import rescan
 
@@ -63,9 +63,10 @@ def test_ddp_whole_pipeline_two_processes(tmp_path: Path) -> None:
     assert (patch_dir / "DONE").is_file() and (patch_dir / "best.ckpt").is_file()
     patch_metrics = json.loads((patch_dir / "metrics.json").read_text())
     assert patch_metrics["patch/batch_per_device"] == 4  # data.batch_size=8 over 2 ranks
-    (features_file,) = (tmp_path / "work" / "features").glob("*.pt")
-    images = torch.load(features_file, weights_only=False)["images"]
-    assert len(images) == 16  # every image once (no padding duplicates, none missing)
+    (features_dir,) = (tmp_path / "work" / "features").iterdir()
+    store = FeatureStore(features_dir)
+    assert len(store) == 16  # every image once (no padding duplicates, none missing)
+    assert len(list((features_dir / "images").rglob("*.pt"))) == 16
     assert not list((tmp_path / "work" / "features").glob("*.parts"))
     (report,) = (tmp_path / "work" / "reports").iterdir()
     metrics = json.loads((report / "metrics.json").read_text())

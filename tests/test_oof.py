@@ -12,6 +12,7 @@ from omegaconf import open_dict
 from breastnet.artifacts import finished_metrics
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError, IndexEntry
+from breastnet.data.feature_store import FeatureStore
 from breastnet.data.splits import inner_folds, inner_split
 from breastnet.inference import load_patch_model
 from breastnet.lineage import Lineage
@@ -48,8 +49,9 @@ def test_oof_training_features_come_from_models_that_never_saw_the_image(
     held = [set(s["test"]) for s in splits.values()]
     assert set.union(*held) == set(outer["train"]) and sum(map(len, held)) == len(outer["train"])
     assert all(s["val"] == outer["val"] for s in splits.values())
-    saved = torch.load(lineage.features, weights_only=False)
-    assert saved["train_features"] == "oof"
+    store = FeatureStore(lineage.features)
+    saved = {"images": {i: store.load(i) for i in store}}
+    assert store.meta["train_features"] == "oof"
     for image_id, image in saved["images"].items():
         if image["split"] == "train":
             assert image["patch_model"] in splits, image_id

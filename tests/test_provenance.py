@@ -87,7 +87,7 @@ def test_unresolvable_values_stay_as_written(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_end_to_end_models_have_no_separate_patch_checkpoint(tmp_path: Path) -> None:
-    lineage = SimpleNamespace(patch=tmp_path / "patch", image=tmp_path / "image")
+    lineage = SimpleNamespace(patch=tmp_path / "patch", image=tmp_path / "image", frozen=False)
     on_features = used_checkpoints(lineage, SimpleNamespace(backbone=None))
     assert on_features == [tmp_path / "patch" / "best.ckpt", tmp_path / "image" / "best.ckpt"]
     end_to_end = used_checkpoints(lineage, SimpleNamespace(backbone=object()))

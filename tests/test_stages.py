@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from breastnet.cli import run_stages
+from breastnet.data.feature_store import FeatureStore
 from breastnet.inference import load_image_model, load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import embed_patches
@@ -46,17 +47,21 @@ def test_prepare_patch_features(demo: Path, tmp_path: Path) -> None:
     assert {"best.ckpt", "last.ckpt", "DONE", "metrics.json", "config.yaml"} <= {
         p.name for p in patch_dir.iterdir()
     }
-    (features_file,) = (tmp_path / "work" / "features").glob("*.pt")
-    saved = torch.load(features_file, weights_only=False)
-    assert len(saved["images"]) == 16 and saved["tta"] is True
-    image = saved["images"]["Normal/n000"]
+    (store_dir,) = (tmp_path / "work" / "features").iterdir()
+    store = FeatureStore(store_dir)
+    assert store_dir == Lineage(cfg).features and not list(store_dir.parent.glob("*.parts"))
+    assert len(store) == 16 and store.meta["tta"] is True and store.width == 1280
+    image = store.load("Normal/n000")
     assert image["features"].shape == (12, 1280) and image["probs"].shape == (12, 4)
     assert torch.allclose(image["probs"].sum(1), torch.ones(12), atol=1e-5)
     assert image["positions"][-1].tolist() == [2, 3]
-    assert {i["split"] for i in saved["images"].values()} == {"train", "val", "test"}
+    row = store.rows["Normal/n000"]
+    assert (row.n_tiles, row.width, row.encoder) == (12, 1280, Lineage(cfg).patch.name)
+    assert (store_dir / row.path).is_file() and row.label == 0
+    assert {store.rows[i].split for i in store} == {"train", "val", "test"}
     # A rerun reuses every artifact and returns the same numbers.
-    mtime = features_file.stat().st_mtime_ns
-    assert run_stages(cfg) == metrics and features_file.stat().st_mtime_ns == mtime
+    mtime = store.manifest_path.stat().st_mtime_ns
+    assert run_stages(cfg) == metrics and store.manifest_path.stat().st_mtime_ns == mtime
 
 
 def test_features_without_a_patch_model_says_what_to_run(demo: Path, tmp_path: Path) -> None:
@@ -153,10 +158,8 @@ def test_image_stage_with_every_aggregator(demo: Path, tmp_path: Path) -> None:
         tmp_path, *SMALL_RUN, f"data.data_dir={demo}", "stages=[prepare,patch,features]"
     )
     run_stages(upstream)
-    features_file = next((tmp_path / "work" / "features").glob("*.pt"))
-    dm = instantiate(
-        upstream.data, mode="features", features_path=str(features_file), batch_size=3
-    )
+    features_dir = Lineage(upstream).features
+    dm = instantiate(upstream.data, mode="features", features_path=str(features_dir), batch_size=3)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (3, 12, 1280) and batch["probs"].shape == (3, 12, 4)
@@ -185,7 +188,8 @@ def test_image_stage_with_every_aggregator(demo: Path, tmp_path: Path) -> None:
             )
         assert results[name]["image/test_acc"] == pytest.approx(right / n_test, abs=1e-6), name
     # Vote and mean need no training: their accuracy follows from the patch probabilities.
-    saved = torch.load(features_file, weights_only=False)["images"]
+    store = FeatureStore(features_dir)
+    saved = {i: store.load(i) for i in store}
     val = [i for i in saved.values() if i["split"] == "val"]
     test = [i for i in saved.values() if i["split"] == "test"]
     assert len(test) == n_test

@@ -23,6 +23,7 @@ from breastnet.artifacts import locked
 from breastnet.data import bach, keys
 from breastnet.data.bach import IndexEntry
 from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, pad_collate
+from breastnet.data.feature_store import FeatureStore
 from breastnet.data.reference import stain_reference
 from breastnet.data.resolution import BACH_MPP
 from breastnet.data.sampling import EpochShuffle
@@ -88,7 +89,7 @@ class BreastDataModule(pl.LightningDataModule):
         self.records: dict[str, dict] = {}
         self.stain = StainSettings()  # the fitted Macenko reference and solver settings
         self.cache: PatchCache | None = None
-        self.features: dict | None = None
+        self.features: FeatureStore | None = None
 
     @property
     def index_path(self) -> Path:
@@ -151,19 +152,16 @@ class BreastDataModule(pl.LightningDataModule):
         transform = build_transforms(False, **self._augment_kwargs())
         return ImageDataset(self.cache, [self.records[i] for i in ids], labels, transform), ids
 
-    def _features(self) -> dict[str, dict]:
-        """The features stage's output (``features_path``), loaded once."""
+    def _features(self) -> FeatureStore:
+        """The features stage's store (``features_path``), its manifest read once."""
         if self.features is None:
-            path = self.hparams.features_path
-            if path is None or not Path(path).is_file():
-                raise FileNotFoundError(f"features {path} not found: run the features stage first")
-            self.features = torch.load(path, weights_only=False)
-        return self.features["images"]
+            self.features = FeatureStore(Path(str(self.hparams.features_path)))
+        return self.features
 
     @property
     def feature_dim(self) -> int:
         """Width of the cached feature vectors (2048 for Inception-V3)."""
-        return next(iter(self._features().values()))["features"].shape[1]
+        return self._features().width
 
     def _locate(self, entries: list[IndexEntry], build: bool) -> None:
         """Find (``build``: make) the split, stain reference and cache for these entries."""

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from breastnet.data.feature_store import FeatureStore
 from breastnet.data.store import PatchCache
 
 
@@ -121,17 +122,18 @@ def pad_collate(samples: list[dict]) -> dict:
 
 
 class FeatureDataset(_AugmentedDataset):
-    """One sample per image: its cached CNN feature sequence and patch probabilities."""
+    """One sample per image: its cached feature sequence and patch probabilities, read from
+    the store when asked for, so memory holds a batch, never the whole store."""
 
-    def __init__(self, images: Mapping[str, dict], image_ids: Sequence[str]) -> None:
-        self.images, self.image_ids = images, list(image_ids)
+    def __init__(self, store: FeatureStore, image_ids: Sequence[str]) -> None:
+        self.store, self.image_ids = store, list(image_ids)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i = self._index(key)
-        image = self.images[self.image_ids[i]]
+        image = self.store.load(self.image_ids[i])
         return {
             "x": image["features"],  # N x D
             "probs": image["probs"],  # N x C

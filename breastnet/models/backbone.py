@@ -1,9 +1,11 @@
-"""A torchvision classifier behind one interface: pooled features and logits as separate
-calls, a ``num_classes`` head, frozen BatchNorm or early layers on request.
+"""Patch networks behind one interface (``PatchNet``): pooled features and logits as
+separate calls, a ``num_classes`` head, frozen BatchNorm, early layers or the whole encoder
+(``freeze``) on request. ``Backbone`` is a torchvision classifier; timm's models are
+``breastnet.models.timm_backbone``'s.
 
-The architectures and their split into features and head are ``breastnet.models.registry``'s;
-weights (``none``, ``imagenet`` or a state-dict file, never a silent random init) come from
-``breastnet.models.weights``.
+The torchvision architectures and their split into features and head are
+``breastnet.models.registry``'s; weights (``none``, ``imagenet`` or a state-dict file, never a
+silent random init) come from ``breastnet.models.weights``.
 """
 
 import os
@@ -15,63 +17,44 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from breastnet.models.registry import BackboneSpec, get_spec, resolve_data_config
-from breastnet.models.weights import imagenet_state_dict, read_state_dict
+from breastnet.models.weights import imagenet_state_dict, load_strict, read_state_dict
 
 
-class Backbone(nn.Module):
-    """A torchvision classifier with a ``num_classes`` head and timm-style split calls.
-
-    Args:
-        name: registry key (``BACKBONES``).
-        num_classes: width of the new head (and of Inception-V3's aux head).
-        freeze_bn: keep every BatchNorm in eval mode with frozen affine parameters, even in
-            ``train()``: needed for BN-folded weights, and steadier with small batches.
-        train_from: first layer to train (e.g. ``features.10`` for mobilenet_v2, ``Mixed_6a``
-            for inception_v3); every parameter before it stays frozen, which on a few
-            hundred images keeps the generic early filters from overfitting. None trains all.
+class PatchNet(nn.Module):
+    """What the pipeline asks of any patch network (torchvision ``Backbone``, timm
+    ``TimmBackbone``): pooled features and logits as separate calls, normalisation with its
+    weights' mean/std on the device, a size check, frozen BatchNorm, and ``freeze``.
 
     Attributes:
         feature_dim: width of ``forward_features``.
-        input_size: square input side the ImageNet weights were evaluated at.
-        min_size: smallest input side the architecture takes (torchvision's weights metadata).
-        mean, std: per-channel normalisation of the ImageNet weights (for ``normalize``).
-        has_aux: whether ``forward`` returns ``(logits, aux_logits)`` in training
-            (Inception-V3, until ``drop_aux``).
+        input_size: square input side the pretrained weights were evaluated at.
+        min_size: smallest input side the architecture takes.
+        mean, std: per-channel normalisation of the weights (for ``normalize``).
+        has_aux: whether ``forward`` returns ``(logits, aux_logits)`` in training.
         pretrained: whether ``load_pretrained`` loaded weights (not a random init).
+        frozen: whether ``freeze`` made it a fixed encoder.
     """
 
     def __init__(
         self,
-        name: str = "inception_v3",
-        num_classes: int = 4,
-        freeze_bn: bool = False,
-        train_from: str | None = None,
-    ):
+        name: str,
+        num_classes: int,
+        feature_dim: int,
+        input_size: int,
+        min_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        freeze_bn: bool,
+    ) -> None:
         super().__init__()
-        spec = get_spec(name)
-        data = resolve_data_config(name)
-        self.name = name
-        self.num_classes = num_classes
-        self.freeze_bn = freeze_bn
-        self.feature_dim = spec.feature_dim
-        self.input_size: int = data["input_size"]
-        self.min_size: int = max(spec.weights.meta["min_size"])
-        self.pretrained = False
-        self.mean: tuple[float, ...] = data["mean"]
-        self.std: tuple[float, ...] = data["std"]
-        self.has_aux = "AuxLogits.fc" in spec.head_layers
-        self.model = spec.builder(weights=None, num_classes=num_classes, **spec.kwargs)
+        self.name, self.num_classes, self.feature_dim = name, num_classes, feature_dim
+        self.input_size, self.min_size = input_size, min_size
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
+        self.freeze_bn, self.has_aux, self.pretrained, self.frozen = freeze_bn, False, False, False
         self.register_buffer(
             "norm_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False
         )
         self.register_buffer("norm_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
-        if freeze_bn:
-            for bn in self._batchnorms():
-                bn.requires_grad_(False)
-        self.train_from = train_from
-        for p in self._early_parameters():
-            p.requires_grad_(False)
-        self.train()
 
     def check_input_size(self, size: int) -> None:
         """Fail on patches too small for the architecture, before any long work; warn when
@@ -83,7 +66,7 @@ class Backbone(nn.Module):
         if size < self.min_size:
             raise ValueError(
                 f"data.patch_size={size} is below the {self.min_size} px that {self.name} "
-                f"takes: use data.patch_size={self.input_size} (what its ImageNet weights saw)"
+                f"takes: use data.patch_size={self.input_size} (what its weights saw)"
             )
         if self.pretrained and size != self.input_size:
             warnings.warn(
@@ -92,6 +75,109 @@ class Backbone(nn.Module):
                 f"scale (data.patch_size={self.input_size} matches)",
                 stacklevel=2,
             )
+
+    def _batchnorms(self) -> list[_BatchNorm]:
+        return [m for m in self.modules() if isinstance(m, _BatchNorm)]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The new head's parameters (the ``num_classes`` classifier)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "PatchNet":
+        """Set train/eval mode; a frozen net stays in eval, BatchNorm too when ``freeze_bn``."""
+        super().train(mode and not self.frozen)
+        if self.freeze_bn:
+            for bn in self._batchnorms():
+                bn.eval()
+        return self
+
+    def freeze(self) -> None:
+        """Make this a fixed encoder: no parameter trains, eval mode for good (no dropout, no
+        BatchNorm updates), and a zero head, so its patch probabilities are uniform: no head
+        was trained to give them (use an aggregator over features)."""
+        self.requires_grad_(False)
+        with torch.no_grad():
+            for p in self.head_parameters():
+                p.zero_()
+        self.frozen = True
+        self.eval()
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 [B, 3, H, W] (or float in 0..1) -> float normalised with the weights' mean/std.
+
+        Batches travel as uint8 (4x less host memory and transfer) and are normalised on the
+        device.
+        """
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        elif not x.is_floating_point():
+            raise TypeError(f"expected uint8 or float images, got {x.dtype}")
+        return (x - self.norm_mean) / self.norm_std
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Pooled features of normalised images: B x feature_dim."""
+        raise NotImplementedError
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Logits from ``forward_features`` output: B x num_classes."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits of normalised images."""
+        return self.forward_head(self.forward_features(x))
+
+    def drop_aux(self) -> None:
+        """Skip an aux head in training (only Inception-V3 has one)."""
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters outside the new head(s): what a backbone freeze holds still."""
+        raise NotImplementedError
+
+
+class Backbone(PatchNet):
+    """A torchvision classifier with a ``num_classes`` head and timm-style split calls.
+
+    Args:
+        name: registry key (``BACKBONES``).
+        num_classes: width of the new head (and of Inception-V3's aux head).
+        freeze_bn: keep every BatchNorm in eval mode with frozen affine parameters, even in
+            ``train()``: needed for BN-folded weights, and steadier with small batches.
+        train_from: first layer to train (e.g. ``features.10`` for mobilenet_v2, ``Mixed_6a``
+            for inception_v3); every parameter before it stays frozen, which on a few
+            hundred images keeps the generic early filters from overfitting. None trains all.
+
+    ``min_size`` comes from torchvision's weights metadata; ``has_aux`` is true for
+    Inception-V3 until ``drop_aux``.
+    """
+
+    def __init__(
+        self,
+        name: str = "inception_v3",
+        num_classes: int = 4,
+        freeze_bn: bool = False,
+        train_from: str | None = None,
+    ):
+        spec = get_spec(name)
+        data = resolve_data_config(name)
+        super().__init__(
+            name,
+            num_classes,
+            spec.feature_dim,
+            data["input_size"],
+            max(spec.weights.meta["min_size"]),
+            data["mean"],
+            data["std"],
+            freeze_bn,
+        )
+        self.has_aux = "AuxLogits.fc" in spec.head_layers
+        self.model = spec.builder(weights=None, num_classes=num_classes, **spec.kwargs)
+        if freeze_bn:
+            for bn in self._batchnorms():
+                bn.requires_grad_(False)
+        self.train_from = train_from
+        for p in self._early_parameters():
+            p.requires_grad_(False)
+        self.train()
 
     @property
     def spec(self) -> BackboneSpec:
@@ -112,28 +198,12 @@ class Backbone(nn.Module):
             )
         return [p for _, p in named[:first]]
 
-    def _batchnorms(self) -> list[_BatchNorm]:
-        return [m for m in self.modules() if isinstance(m, _BatchNorm)]
-
-    def train(self, mode: bool = True) -> "Backbone":
-        """Set train/eval mode, keeping BatchNorm in eval when ``freeze_bn``."""
-        super().train(mode)
-        if self.freeze_bn:
-            for bn in self._batchnorms():
-                bn.eval()
-        return self
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """uint8 [B, 3, H, W] (or float in 0..1) -> float normalised with the weights' mean/std.
-
-        Batches travel as uint8 (4x less host memory and transfer) and are normalised on the
-        device.
-        """
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        elif not x.is_floating_point():
-            raise TypeError(f"expected uint8 or float images, got {x.dtype}")
-        return (x - self.norm_mean) / self.norm_std
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [
+            p
+            for layer in self.spec.head_layers
+            for p in self.model.get_submodule(layer).parameters()
+        ]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Globally average-pooled features of normalised images: B x feature_dim."""
@@ -160,11 +230,7 @@ class Backbone(nn.Module):
 
     def trunk_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters outside the new head(s): what a backbone freeze holds still."""
-        skip = {
-            id(p)
-            for layer in self.spec.head_layers
-            for p in self.model.get_submodule(layer).parameters()
-        }
+        skip = {id(p) for p in self.head_parameters()}
         if self.freeze_bn:
             skip |= {id(p) for bn in self._batchnorms() for p in bn.parameters()}
         skip |= {id(p) for p in self._early_parameters()}
@@ -183,29 +249,7 @@ class Backbone(nn.Module):
             state, source = imagenet_state_dict(self.name, self.spec.weights), self.spec.weights
         else:
             state, source = read_state_dict(Path(weights)), weights
-        head = tuple(f"{layer}." for layer in self.spec.head_layers)
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-        expected = {k: v for k, v in self.model.state_dict().items() if not k.startswith(head)}
-        problems = {
-            # BatchNorm fills in num_batches_tracked itself when an older file lacks it.
-            "missing": [
-                k for k in expected if k not in state and not k.endswith("num_batches_tracked")
-            ],
-            "unexpected": [k for k in state if k not in expected],
-            "wrong shape": [
-                f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-                for k, v in expected.items()
-                if k in state and state[k].shape != v.shape
-            ],
-        }
-        if any(problems.values()):
-            found = "; ".join(
-                f"{len(keys)} {what} keys ({', '.join(keys[:5])}{', ...' * (len(keys) > 5)})"
-                for what, keys in problems.items()
-                if keys
-            )
-            raise ValueError(f"weights {source} do not fit torchvision {self.name}: {found}")
-        self.model.load_state_dict(state, strict=False)
+        load_strict(self.model, state, source, f"torchvision {self.name}", self.spec.head_layers)
         self.pretrained = True
 
 

@@ -162,14 +162,17 @@ class ClassifierModule(pl.LightningModule):
             self.log(f"{self.stage}/{split}_recall_{name}", value)
         metric.reset()
 
+    def optimizer_params(self) -> list[Any]:
+        """What the optimizer updates: the trainable parameters (or their groups)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer over trainable parameters only, and the per-epoch scheduler.
 
         The scheduler partial gets ``max_epochs`` from the trainer when it takes one and the
         config leaves it out, so one config serves any run length.
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.hparams.optimizer(params=params)
+        optimizer = self.hparams.optimizer(params=self.optimizer_params())
         make_scheduler = self.hparams.scheduler
         if make_scheduler is None:
             return {"optimizer": optimizer}

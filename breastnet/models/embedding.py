@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from breastnet.models.backbone import Backbone
+from breastnet.models.backbone import PatchNet
 
 
 def dihedral(x: Tensor) -> Iterator[Tensor]:
@@ -24,7 +24,7 @@ def dihedral(x: Tensor) -> Iterator[Tensor]:
 
 
 def embed_patches(
-    net: Backbone, patches: Tensor, chunk_size: int, tta: bool = False
+    net: PatchNet, patches: Tensor, chunk_size: int, tta: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Features [P, D] and class probabilities [P, C] of uint8 patches [P, 3, S, S].
 
@@ -66,7 +66,7 @@ class Embedder(pl.LightningModule):
 
     def __init__(
         self,
-        net: Backbone | None = None,
+        net: PatchNet | None = None,
         aggregator: torch.nn.Module | None = None,
         chunk_size: int = 64,
         tta: bool = False,

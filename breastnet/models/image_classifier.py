@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from breastnet.models.aggregators import Vote
-from breastnet.models.backbone import Backbone
+from breastnet.models.backbone import PatchNet
 from breastnet.models.classifier import ClassifierModule
 from breastnet.models.embedding import embed_patches, scatter_patches
 
@@ -49,7 +49,7 @@ class ImageClassifier(ClassifierModule):
         optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         label_smoothing: float = 0.0,
-        backbone: Backbone | None = None,
+        backbone: PatchNet | None = None,
         chunk_size: int = 64,
     ):
         n = aggregator.num_classes
@@ -64,9 +64,11 @@ class ImageClassifier(ClassifierModule):
                 raise ValueError(f"backbone has {backbone.num_classes} classes, aggregator {n}")
             backbone.drop_aux()
             if aggregator.trainable:
-                for layer in backbone.spec.head_layers:
-                    backbone.model.get_submodule(layer).requires_grad_(False)
-        self.trainable = aggregator.trainable or backbone is not None
+                for p in backbone.head_parameters():
+                    p.requires_grad_(False)
+        self.trainable = aggregator.trainable or (
+            backbone is not None and any(p.requires_grad for p in backbone.parameters())
+        )
         if self.trainable and optimizer is None:
             raise ValueError("an optimizer is needed: this model has parameters to train")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

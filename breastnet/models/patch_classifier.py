@@ -11,7 +11,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from breastnet.models.backbone import Backbone
+from breastnet.models.backbone import PatchNet
 from breastnet.models.classifier import ClassifierModule, warmup_cosine
 
 # warmup_cosine stays importable here: older checkpoints (pickled hparams) and run configs
@@ -20,13 +20,14 @@ __all__ = ["PatchClassifier", "warmup_cosine"]
 
 
 class PatchClassifier(ClassifierModule):
-    """Cross-entropy fine-tuning of a ``Backbone`` on dict batches of uint8 patches.
+    """Cross-entropy fine-tuning of a ``PatchNet`` on dict batches of uint8 patches.
 
     Batches are ``{"x": uint8 [B, 3, S, S], "y": int64 [B], ...}``; images are normalised here,
     on the device. ``forward`` takes the same uint8 (or 0..1 float) images.
 
     Args:
-        net: the backbone (see ``breastnet.models.backbone.build_backbone``).
+        net: the backbone (``breastnet.models.backbone.build_backbone`` or
+            ``breastnet.models.timm_backbone.build_timm_backbone``).
         optimizer: partial optimizer, completed with the trainable parameters.
         scheduler: partial LR scheduler, completed with the optimizer (and ``max_epochs`` from
             the trainer when it takes one and the config leaves it out); stepped per epoch.
@@ -38,13 +39,17 @@ class PatchClassifier(ClassifierModule):
             ``ddp_find_unused_parameters_true`` strategy with it.
         channels_last: channels-last memory format for the net and inputs (faster with AMP).
         compile: ``torch.compile`` the net's forward in place (checkpoint keys unchanged).
+        freeze: a fixed encoder (``PatchNet.freeze``): nothing trains, the patch stage skips
+            it, and the features come straight from the loaded weights.
+        layer_decay: layer-wise lr decay of a timm backbone: the head and last block at the
+            optimizer's lr, each earlier block ``layer_decay`` x the next (None: one lr).
     """
 
     stage = "patch"
 
     def __init__(
         self,
-        net: Backbone,
+        net: PatchNet,
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., Any] | None = None,
         aux_weight: float = 0.4,
@@ -53,6 +58,8 @@ class PatchClassifier(ClassifierModule):
         freeze_backbone_epochs: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        freeze: bool = False,
+        layer_decay: float | None = None,
     ):
         n = net.num_classes
         super().__init__(n)
@@ -60,6 +67,13 @@ class PatchClassifier(ClassifierModule):
         self.net = net
         if aux_weight == 0:
             net.drop_aux()
+        if freeze:
+            net.freeze()
+        if layer_decay is not None and not hasattr(net, "param_groups"):
+            raise ValueError(
+                f"patch_model.layer_decay needs a timm backbone (patch_model=timm or an encoder "
+                f"entry), not torchvision {net.name}"
+            )
         if channels_last:
             net.to(memory_format=torch.channels_last)
         if class_weights is not None and len(class_weights) != n:
@@ -95,6 +109,14 @@ class PatchClassifier(ClassifierModule):
         if aux is not None:
             loss = loss + self.hparams.aux_weight * self.criterion(aux, y)
         return loss, logits, y
+
+    def optimizer_params(self) -> list[Any]:
+        """Trainable parameters; with ``layer_decay``, timm's groups of decayed lr."""
+        decay = self.hparams.layer_decay
+        if decay is None:
+            return super().optimizer_params()
+        settings = getattr(self.hparams.optimizer, "keywords", {})
+        return self.net.param_groups(settings["lr"], settings.get("weight_decay", 0.0), decay)
 
     def on_train_epoch_start(self) -> None:
         """Hold the pretrained layers still for the first ``freeze_backbone_epochs``."""

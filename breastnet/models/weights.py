@@ -1,16 +1,20 @@
-"""Weight files: a state dict from a file, or torchvision's ImageNet weights from the hub
-cache, fetched with a timeout of their own so an offline machine fails fast with the path to
-put the file at (never a silent random init)."""
+"""Weight files: a state dict from a file (``.pth``, ``.bin``, ``.safetensors``), from the
+Hugging Face cache, or torchvision's ImageNet weights from the hub cache, fetched with a
+timeout of their own so an offline machine fails fast with the path to put the file at (never
+a silent random init). Every file loads strictly, and its content hash, not its path, names
+it in artifact keys."""
 
 import hashlib
+import os
 import re
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
 from breastnet.artifacts import atomic_write
@@ -19,15 +23,30 @@ DOWNLOAD_TIMEOUT_S = 15.0
 """Socket timeout of the ImageNet weights download (that connection's alone)."""
 # torchvision names its files <name>-<first hex digits of the sha256>.pth
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+HF_PREFIX = "hf-hub:"
+"""``weights=hf-hub:<owner>/<repo>``: the repository's weights file from the Hugging Face cache."""
+HF_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The names a timm repository on the Hugging Face hub gives its weights, in order of choice."""
+NAMED_WEIGHTS = ("none", "imagenet")
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A state dict from a file, plain or nested under ``state_dict``/``model``, as float32."""
+    """A state dict from a file, plain or nested under ``state_dict``/``model``, as float32.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load``
+    (tensors only).
+    """
     if not path.is_file():
         raise FileNotFoundError(
-            f"weights file {path} not found (weights: imagenet | none | /path/to/state_dict.pth)"
+            f"weights file {path} not found (weights: imagenet | none | "
+            "/path/to/state_dict.pth | .bin | .safetensors)"
         )
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(path, device="cpu")
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -62,3 +81,118 @@ def _download(url: str, file: Path) -> None:
         raise OSError(f"{url}: the download does not match its sha256 prefix {expected[1]}")
     file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(file, lambda f: f.write(data))
+
+
+def hf_hub_file(repo: str, what: str) -> Path:
+    """The weights file of Hugging Face repository ``repo`` from the local cache (no download
+    with ``HF_HUB_OFFLINE=1``); none there is one error saying how to get it.
+
+    Args:
+        repo: ``owner/name`` on the hub.
+        what: how the repository is gated and licensed, for the message.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    problems = []
+    for filename in HF_FILES:
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+            problems.append(f"{filename}: {type(err).__name__}")
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    raise FileNotFoundError(
+        f"weights of https://huggingface.co/{repo} are not in the Hugging Face cache ({cache}; "
+        f"{'; '.join(problems)}). {what}. Accept its terms on the hub, then on a machine "
+        f"online: `hf auth login; hf download {repo}` (the cache can be copied to an offline "
+        "machine; set HF_HUB_OFFLINE=1 there), or download its model.safetensors / "
+        "pytorch_model.bin and pass patch_model.net.weights=/path/to/that/file."
+    )
+
+
+def resolve_weights(weights: str | os.PathLike, what: str) -> Path | None:
+    """The file behind a ``weights`` setting: None for ``none``, the cached file of
+    ``hf-hub:<repo>``, else the path itself."""
+    text = str(weights)
+    if text == "none":
+        return None
+    if text.startswith(HF_PREFIX):
+        return hf_hub_file(text.removeprefix(HF_PREFIX), what)
+    return Path(text).expanduser()
+
+
+def _cached_hf_file(repo: str) -> Path | None:
+    """The weights file of ``repo`` in the Hugging Face cache, if one is there (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in HF_FILES:
+        if isinstance(found := try_to_load_from_cache(repo, filename), str):
+            return Path(found)
+    return None
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, computed once per process while it is unchanged
+    (a ViT-g file is gigabytes)."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
+def weights_fingerprint(weights: str | os.PathLike | None) -> str | None:
+    """What names ``weights`` in an artifact key: ``none``/``imagenet`` as they are, a file by
+    its content (``sha256:<hex>``), so a moved or renamed copy keeps its key and another file
+    under the same name gets another; ``hf-hub:<repo>`` by its cached file's content when it
+    is there (else the name: building the model will say how to get it)."""
+    if weights is None or str(weights) in NAMED_WEIGHTS:
+        return None if weights is None else str(weights)
+    text = str(weights)
+    if text.startswith(HF_PREFIX):
+        cached = _cached_hf_file(text.removeprefix(HF_PREFIX))
+        return text if cached is None else f"{text}@sha256:{file_sha256(cached)}"
+    path = Path(text).expanduser()
+    return f"sha256:{file_sha256(path)}" if path.is_file() else text
+
+
+def load_strict(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    source: object,
+    what: str,
+    skip: Collection[str] = (),
+) -> None:
+    """Load ``state`` into ``module``: every key but those under the ``skip`` prefixes (new
+    heads) must be there with its shape, and no other, or one error names the missing,
+    unexpected and misshapen keys (a wrong file never leaves layers at random init)."""
+    head = tuple(f"{layer}." for layer in skip)
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    expected = {k: v for k, v in module.state_dict().items() if not k.startswith(head)}
+    problems = {
+        # BatchNorm fills in num_batches_tracked itself when an older file lacks it.
+        "missing": [
+            k for k in expected if k not in state and not k.endswith("num_batches_tracked")
+        ],
+        "unexpected": [k for k in state if k not in expected],
+        "wrong shape": [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ],
+    }
+    if any(problems.values()):
+        found = "; ".join(
+            f"{len(keys)} {kind} keys ({', '.join(keys[:5])}{', ...' * (len(keys) > 5)})"
+            for kind, keys in problems.items()
+            if keys
+        )
+        raise ValueError(f"weights {source} do not fit {what}: {found}")
+    module.load_state_dict(state, strict=False)

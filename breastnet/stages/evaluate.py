@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.datasets import FeatureDataset
+from breastnet.data.feature_store import FeatureStore
 from breastnet.data.splits import SIDES, split_summary
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         dataset, ids = datamodule.inference_images(sides)
         embedder = image_embedder(cfg, lineage, model)
     else:  # on the features stage's cached outputs
-        cached = torch.load(lineage.features, weights_only=False)["images"]
+        cached = FeatureStore(lineage.features)
         ids = [i for side in sides for i in datamodule.split[side] if i in cached]
         dataset, embedder = FeatureDataset(cached, ids), Embedder(None, model.aggregator)
     out = lineage.report(split)

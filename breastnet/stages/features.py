@@ -1,17 +1,21 @@
-"""Stage ``features``: pooled CNN features and class probabilities of every patch, once.
+"""Stage ``features``: pooled features and class probabilities of every patch, once.
 
-With the best patch checkpoint, every image of every split gets its ``[N, D]`` feature
-sequence (row-major grid order), grid positions and patch probabilities, saved in
-``work_dir/features/<hash>.pt``: the image model and the plots read them without the CNN.
-Every rank embeds its share of the images (``Trainer.predict``); each image is kept as soon as
-it is done, so an interrupted stage resumes with the images it had not finished. With
-``image.train_features=oof`` each training image is embedded by the out-of-fold patch
-model that did not train on it, and each image records which patch model embedded it.
+With the best patch checkpoint, or a frozen encoder's weights (``patch_model.freeze=true``),
+every image of every split gets its ``[N, D]`` feature sequence (row-major grid order), grid
+positions and patch probabilities, in the store ``work_dir/features/<hash>/``
+(``breastnet.data.feature_store``: one file per image and a manifest): the image model and
+the plots read them one image at a time, without the CNN. Every rank embeds its share of the
+images (``Trainer.predict``) and keeps each image as soon as it is done, so an interrupted
+stage resumes with the images it had not finished; rank 0 alone then writes the store, one
+image in memory at a time. With ``image.train_features=oof`` each training image is embedded
+by the out-of-fold patch model that did not train on it, and each image records which patch
+model embedded it.
 """
 
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,47 +24,65 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet import CLASSES
-from breastnet.artifacts import atomic_write, write_json
+from breastnet.data import feature_store
 from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.feature_store import FeatureStore, Row
 from breastnet.data.splits import SIDES
 from breastnet.distributed import locked_on_rank_zero, on_rank_zero
 from breastnet.inference import load_patch_model
 from breastnet.lineage import Lineage
+from breastnet.models.backbone import PatchNet
 from breastnet.models.embedding import Embedder
-from breastnet.prediction import predict_images
+from breastnet.prediction import read_part, run_parts
 from breastnet.report.metrics import accuracy
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Extract (or reuse) features of every image; returns patch-wise accuracy per split."""
+    """Extract (or reuse) features of every image; returns patch-wise accuracy per split (none
+    for a frozen encoder: it has no trained patch head)."""
     lineage = Lineage(cfg)
-    out, summary = lineage.features, lineage.features.with_suffix(".json")
+    out = lineage.features
     with locked_on_rank_zero(out):  # of two jobs with this key, one extracts
-        if not (out.is_file() and summary.is_file()):
+        if not FeatureStore.is_complete(out):
             _extract(cfg, lineage, out)
         else:
             log.info("features already extracted: %s", out)
-    return json.loads(summary.read_text())
+    return json.loads((out / "metrics.json").read_text())
 
 
 def _extract(cfg: DictConfig, lineage: Lineage, out: Path) -> None:
     datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()
-    parts = out.with_suffix(".parts")
-    outputs: dict[str, dict] = {}
+    parts = out.with_name(f"{out.name}.parts")
+    embedded: dict[str, str] = {}  # image id -> the patch/<key> that embeds it
     for model, ids in _assignments(cfg, lineage, datamodule):
         dataset, ids = datamodule.inference_images(image_ids=ids)
-        embedder = Embedder(
-            load_patch_model(cfg, model).net,
-            chunk_size=cfg.features.batch_size,
-            tta=cfg.features.tta,
-        )
+        net = load_patch_model(cfg, model).net
+        if lineage.frozen:
+            _check_scale(cfg, net)
+        embedder = Embedder(net, chunk_size=cfg.features.batch_size, tta=cfg.features.tta)
         name = "features" if model.inner is None else f"features (oof {model.inner[0]})"
-        found = predict_images(cfg, embedder, dataset, ids, parts / model.patch.name, name)
-        outputs.update({i: {**o, "patch_model": model.patch.name} for i, o in found.items()})
-    on_rank_zero(lambda: _save(cfg, datamodule, outputs, out, parts))
+        run_parts(cfg, embedder, dataset, ids, parts / model.patch.name, name)
+        embedded |= dict.fromkeys(ids, model.patch.name)
+    on_rank_zero(lambda: _save(cfg, lineage, datamodule, embedded, out, parts))
+
+
+def _check_scale(cfg: DictConfig, net: PatchNet) -> None:
+    """Warn when a frozen encoder meets tiles at another pixel size or input size than its
+    weights learnt at (``experiment=foundation`` sets both from the entry)."""
+    net.check_input_size(cfg.data.patch_size)
+    native = getattr(net, "mpp", None)
+    tile_mpp = cfg.data.mpp * cfg.data.tile_size / cfg.data.patch_size  # after the resize
+    if native is not None and not np.isclose(native, tile_mpp, rtol=0.05):
+        warnings.warn(
+            f"{net.name} learnt at {native} µm/px, but its patches are at {tile_mpp:.3g} "
+            f"(data.mpp={cfg.data.mpp}, tile {cfg.data.tile_size} px resized to "
+            f"{cfg.data.patch_size}): data.mpp={native} and data.tile_size=data.patch_size "
+            "match (experiment=foundation)",
+            stacklevel=2,
+        )
 
 
 def _assignments(
@@ -81,39 +103,48 @@ def _assignments(
 
 
 def _save(
-    cfg: DictConfig, datamodule: BreastDataModule, outputs: dict[str, dict], out: Path, parts: Path
+    cfg: DictConfig,
+    lineage: Lineage,
+    datamodule: BreastDataModule,
+    embedded: dict[str, str],
+    out: Path,
+    parts: Path,
 ) -> None:
-    """Write the features file and its patch accuracy per split (``<hash>.json``), then drop
-    the per-image ``parts`` they were made from."""
+    """Write the store from the per-image ``parts``, one image in memory at a time: each
+    image's file, the patch accuracy per split (``metrics.json``) and, last, the manifest;
+    then drop the parts."""
     labels = {e.image_id: e.label_index for e in datamodule.entries}
-    images, metrics = {}, {}
+    rows, metrics, width = [], {}, 0
     for side in SIDES:
         truth, preds = [], []  # of the tissue patches, as the patch stage counts them
         for image_id in datamodule.split[side]:
-            if image_id not in outputs:
+            if image_id not in embedded:
                 continue
-            record, output = datamodule.records[image_id], outputs[image_id]
+            record = datamodule.records[image_id]
+            output = read_part(parts / embedded[image_id], image_id, "features")
             tissue = torch.tensor(record["tissue"])
             counted = output["probs"].argmax(1)[tissue >= datamodule.hparams.min_tissue]
             preds.append(counted.numpy())
             truth.append(np.full(len(counted), labels[image_id]))
-            images[image_id] = {
+            arrays = {
                 "features": output["features"],  # N x D
                 "probs": output["probs"],  # N x C
                 "positions": torch.tensor(record["positions"]),  # N x 2 (row, col)
                 "tissue": tissue,
-                "label": labels[image_id],
-                "split": side,
-                "patch_model": output["patch_model"],  # the patch/<key> that embedded it
             }
-        found = accuracy(np.concatenate(truth), np.concatenate(preds)) if truth else None
-        metrics[f"features/patch_acc_{side}"] = found or 0.0
-    saved = {
+            feature_store.write_image(out, image_id, arrays)
+            n, width = arrays["features"].shape
+            path = feature_store.image_path(image_id)
+            rows.append(Row(image_id, path, n, width, embedded[image_id], side, labels[image_id]))
+        if not lineage.frozen:  # a frozen encoder's head is zero: no patch accuracy to give
+            found = accuracy(np.concatenate(truth), np.concatenate(preds)) if truth else None
+            metrics[f"features/patch_acc_{side}"] = found or 0.0
+    meta = {
         "classes": list(CLASSES),
         "tta": cfg.features.tta,
         "train_features": cfg.image.train_features,
-        "images": images,
+        "frozen": lineage.frozen,
+        "width": width,
     }
-    atomic_write(out, lambda f: torch.save(saved, f))
-    write_json(out.with_suffix(".json"), metrics)
+    feature_store.finish(out, rows, meta, metrics)
     shutil.rmtree(parts, ignore_errors=True)

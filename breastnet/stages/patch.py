@@ -4,7 +4,9 @@ Writes ``work_dir/patch/<hash>/{best,last}.ckpt`` (``breastnet.lineage`` says wh
 covers), so folds and sweep jobs never overwrite each other. An interrupted run resumes from
 ``last.ckpt``. With ``image.train_features=oof`` it then trains the K out-of-fold models,
 each on the training images without one inner fold (validated on the same val images), whose
-test side is that fold: their test accuracy is the out-of-fold patch accuracy.
+test side is that fold: their test accuracy is the out-of-fold patch accuracy. A frozen
+encoder (``patch_model.freeze=true``) trains nothing and writes no checkpoint: the features
+stage embeds with its weights as loaded.
 """
 
 import logging
@@ -14,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from breastnet.data.datamodule import BreastDataModule
+from breastnet.errors import ConfigError
 from breastnet.lineage import Lineage
 from breastnet.stages.common import train_and_test, train_once
 
@@ -24,6 +27,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume, or reuse) the patch model and any out-of-fold ones; returns val/test
     patch accuracy (and ``patch/oof_acc``, the mean over the out-of-fold models)."""
     lineage = Lineage(cfg)
+    if lineage.frozen:
+        if lineage.oof_folds:
+            raise ConfigError(
+                "image.train_features=oof needs fine-tuned patch models: a frozen encoder "
+                "(patch_model.freeze=true) embeds every image alike, use in_sample"
+            )
+        log.info("patch_model.freeze=true: a fixed encoder, nothing to train")
+        return {}
     metrics = _train(cfg, lineage)
     if inner := lineage.inner_models():
         held_out = [_train(cfg, model)["patch/test_acc"] for model in inner]
