@@ -23,6 +23,7 @@ from breastnet.data.datasets import to_tensor
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
 from breastnet.lineage import Lineage, container
+from breastnet.missing import other_keys
 from breastnet.models.backbone import Backbone
 from breastnet.models.embedding import Embedder
 from breastnet.models.image_classifier import ImageClassifier
@@ -30,17 +31,18 @@ from breastnet.models.patch_classifier import PatchClassifier
 from breastnet.report import ImageResult
 
 
-def _best_checkpoint(out_dir: Path, stage: str) -> Path:
+def _best_checkpoint(cfg: DictConfig, out_dir: Path, stage: str) -> Path:
     if finished_metrics(out_dir) is None:
         raise FileNotFoundError(
             f"no finished {stage} model in {out_dir}: run the {stage} stage first"
+            + other_keys(cfg, stage, out_dir)
         )
     return out_dir / "best.ckpt"
 
 
 def load_patch_model(cfg: DictConfig, lineage: Lineage) -> PatchClassifier:
     """The best checkpoint of the patch stage for this config, on the CPU, in eval mode."""
-    checkpoint = _best_checkpoint(lineage.patch, "patch")
+    checkpoint = _best_checkpoint(cfg, lineage.patch, "patch")
     net = instantiate(cfg.patch_model.net, weights="none")  # the checkpoint holds the weights
     model = PatchClassifier.load_from_checkpoint(
         checkpoint, net=net, map_location="cpu", weights_only=False
@@ -60,7 +62,7 @@ def build_image_model(
 
 def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
     """The best checkpoint of the image stage for this config, on the CPU, in eval mode."""
-    checkpoint = _best_checkpoint(lineage.image, "image")
+    checkpoint = _best_checkpoint(cfg, lineage.image, "image")
     # The patch CNN's width sizes the aggregator; end to end, the CNN is part of the model.
     net: Backbone = instantiate(cfg.patch_model.net, weights="none")
     model = build_image_model(cfg, net.feature_dim, net if cfg.image.end_to_end else None)

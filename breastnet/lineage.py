@@ -125,6 +125,14 @@ def cache_dir(work_dir: Path, data: Mapping[str, Any], stain: dict) -> Path:
     return Path(work_dir) / "cache" / key
 
 
+def features_key(patch: str, tta: bool, oof_folds: int | None) -> str:
+    """Key of the features of patch model ``patch`` (with the out-of-fold models' number)."""
+    settings: dict[str, Any] = {"patch": patch, "tta": tta}
+    if oof_folds:  # in-sample features keep the key they had before oof existed
+        settings["oof_folds"] = oof_folds
+    return config_hash(settings)
+
+
 @dataclass(frozen=True)
 class Lineage:
     """Every artifact path of one composed config (``cfg.data`` etc.); with ``inner`` (k, K),
@@ -209,10 +217,7 @@ class Lineage:
 
     @cached_property
     def features(self) -> Path:
-        settings = {"patch": self.patch.name, "tta": self.cfg.features.tta}
-        if self.oof_folds:  # in-sample features keep the key they had before oof existed
-            settings["oof_folds"] = self.oof_folds
-        key = config_hash(settings)
+        key = features_key(self.patch.name, self.cfg.features.tta, self.oof_folds)
         return self.work_dir / "features" / f"{key}.pt"
 
     @cached_property

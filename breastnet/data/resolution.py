@@ -45,6 +45,18 @@ def read_mpp(path: str | Path) -> float | None:
     return next((round(m, 6) for m in candidates if low <= m <= high), None)
 
 
+def assumed_pixel_size(untagged: int, total: int, setting: str, mpp: float) -> str:
+    """The warning for files whose pixel size was taken from ``setting`` (said once per run,
+    with their count): a folder of mixed magnifications or another scanner's files would be
+    tiled at the wrong scale without a word otherwise."""
+    return (
+        f"{untagged} of {total} file(s) carry no pixel size (no TIFF resolution tags or Aperio "
+        f"MPP): taken as {setting}={mpp:g} µm/px. If they were scanned at another "
+        f"magnification, set {setting} (README: Pixel size; split a folder of mixed "
+        "magnifications into one run per magnification)"
+    )
+
+
 def scale_factor(mpp: float | None, target: float) -> float:
     """How much an image at ``mpp`` µm/px is enlarged (>1) or shrunk (<1) to be at ``target``:
     1 when its pixel size is unknown (None or 0) or within ``TOLERANCE`` of the target."""

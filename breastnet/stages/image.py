@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from breastnet.artifacts import finished_metrics
 from breastnet.inference import build_image_model, load_patch_model
 from breastnet.lineage import Lineage
+from breastnet.missing import other_keys
 from breastnet.stages.common import train_and_test
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train (or reuse) the image model; returns val/test image accuracy."""
     settings, lineage = cfg.image, Lineage(cfg)
     if not settings.end_to_end and not lineage.features.is_file():
-        raise FileNotFoundError(f"{lineage.features} not found: run the features stage first")
+        raise FileNotFoundError(
+            f"{lineage.features} not found: run the features stage first"
+            + other_keys(cfg, "features", lineage.features)
+        )
     if settings.end_to_end and lineage.oof_folds:
         raise ValueError(
             "image.train_features=oof needs the features stage's cached features: it does not "
