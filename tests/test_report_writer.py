@@ -57,9 +57,7 @@ def test_figures_are_real_pngs(report) -> None:
     wrong = rep.misclassified
     heatmap_ids = (wrong + [r.image_id for r in ok if r.image_id not in wrong])[:3]
     overview = {"confusion_matrix", "roc", "tsne", "patch_grid", "confusion_2class", "roc_2class"}
-    assert set(rep.figures) == overview | {
-        f"heatmap/{i}" for i in heatmap_ids
-    }
+    assert set(rep.figures) == overview | {f"heatmap/{i}" for i in heatmap_ids}
     assert rep.figures["roc"] == rep.out_dir / "roc.png"
     assert rep.figures[f"heatmap/{heatmap_ids[0]}"].name.startswith("heatmap_")
     for path in rep.figures.values():

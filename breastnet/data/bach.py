@@ -224,8 +224,8 @@ def build_index(
         elif e.mode != "RGB":
             log.warning("%s: %s image converted to RGB", e.path, e.mode)
     untagged = sum(not e.error and e.mpp is None for e in entries)
-    if untagged and mpp:
-        log.warning("%s", assumed_pixel_size(untagged, len(entries), "data.mpp", mpp))
+    if untagged and mpp and todo:  # said when files are first indexed, not at each reuse
+        log.warning("%s", assumed_pixel_size(untagged, len(entries), mpp, "data.mpp"))
     problems += [e.error for e in entries if e.error]
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:20])

@@ -45,15 +45,15 @@ def read_mpp(path: str | Path) -> float | None:
     return next((round(m, 6) for m in candidates if low <= m <= high), None)
 
 
-def assumed_pixel_size(untagged: int, total: int, setting: str, mpp: float) -> str:
-    """The warning for files whose pixel size was taken from ``setting`` (said once per run,
+def assumed_pixel_size(untagged: int, total: int, mpp: float, setting: str) -> str:
+    """The warning for files without a pixel size, taken to be at ``data.mpp`` (said once,
     with their count): a folder of mixed magnifications or another scanner's files would be
-    tiled at the wrong scale without a word otherwise."""
+    tiled at the wrong scale without a word otherwise. ``setting`` is what sets theirs."""
     return (
         f"{untagged} of {total} file(s) carry no pixel size (no TIFF resolution tags or Aperio "
-        f"MPP): taken as {setting}={mpp:g} µm/px. If they were scanned at another "
-        f"magnification, set {setting} (README: Pixel size; split a folder of mixed "
-        "magnifications into one run per magnification)"
+        f"MPP): taken as data.mpp={mpp:g} µm/px. If they were scanned at another "
+        f"magnification, set {setting}=<µm/px> (README: Pixel size; a folder of mixed "
+        "magnifications needs one run per magnification)"
     )
 
 

@@ -119,7 +119,7 @@ def require_trained(cfg: DictConfig, lineage: Lineage) -> None:
         f"predict needs the pipeline trained with these settings, and {lineage.work_dir} has "
         "no trained image model for them. Train it first with the same experiment and "
         f"settings (all stages: prepare, patch, features, image, evaluate):\n  "
-        f"{training_command()}\nthen run predict with those settings again{others}"
+        f"{training_command()}\nthen run predict with those settings again{others}."
     )
 
 
@@ -274,10 +274,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.predict.input:
         raise ConfigError("set predict.input=<image file or folder> (make predict INPUT=...)")
     root, files = find_inputs(Path(cfg.predict.input).expanduser().resolve())
-    label_map = LabelMap(cfg.predict.label_map, "predict.label_map")
-    labels = labels_for(root, files, cfg.predict.labels_csv, label_map)
     lineage = Lineage(cfg)
     require_trained(cfg, lineage)
+    label_map = LabelMap(cfg.predict.label_map, "predict.label_map")
+    labels = labels_for(root, files, cfg.predict.labels_csv, label_map)
     datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
     datamodule.setup()
     model = load_image_model(cfg, lineage)
@@ -286,7 +286,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     mpps = [cfg.predict.mpp or read_mpp(f) for f in files]
     untagged = sum(m is None for m in mpps)
     if untagged and rank() == 0:
-        log.warning("%s", assumed_pixel_size(untagged, len(files), "predict.mpp", tiling.mpp))
+        log.warning("%s", assumed_pixel_size(untagged, len(files), tiling.mpp, "predict.mpp"))
     dataset = ImageFiles(files, root, tiling, datamodule.stain, mpps)
     out_dir = Path(cfg.predict.output_dir)
     # An interrupted run resumes with the parts made under the same models, fit and pixel size
