@@ -451,3 +451,20 @@ def test_inputs_unlike_the_training_images_are_flagged(trained, tmp_path, caplog
         caplog.text
     )
     assert "far from the training images" in (out / "index.html").read_text()
+
+
+def test_a_missing_artifact_names_the_keys_there_and_the_settings_that_differ(trained) -> None:
+    """debug=default's batch limits key new models: the message says features exist under
+    another key and which settings made them."""
+    lineage = Lineage(cfg_for(trained))
+    with pytest.raises(FileNotFoundError) as caught:
+        run_stages(cfg_for(trained, "stages=[image]", "+trainer.limit_train_batches=2"))
+    message = str(caught.value)
+    assert "not found: run the features stage first" in message
+    assert (
+        f"holds features of other settings, which key another artifact: {lineage.features.stem}"
+        in message
+    )
+    assert "trainer.limit_train_batches=None (here 2)" in message
+    with pytest.raises(FileNotFoundError, match=f"image models? .*{lineage.image.name} made with"):
+        run_stages(cfg_for(trained, "stages=[evaluate]", "image.max_epochs=4"))
