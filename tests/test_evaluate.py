@@ -2,7 +2,10 @@
 
 import csv
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,7 +282,7 @@ GROUPS_ONLY = "{Normal:non_carcinoma,Benign:non_carcinoma,InSitu:carcinoma,Invas
 
 @pytest.mark.parametrize("label_map", ["null", GROUPS_ONLY])
 def test_wandb_run_of_predict_alone_holds_config_and_metrics(
-    trained, tmp_path: Path, monkeypatch, label_map: str
+    trained, tmp_path: Path, monkeypatch, capsys, label_map: str
 ) -> None:
     """No Trainer starts this run: the config and the numbers come from tracking, the
     2-class ones too, and they alone when the labels are only the groups."""
@@ -296,6 +299,15 @@ def test_wandb_run_of_predict_alone_holds_config_and_metrics(
     metrics, run_dir = run_offline(cfg, tmp_path, monkeypatch)
     _, summary, config, _ = read_wandb_run(run_dir)
     assert summary["predict/n_images"] == 16 == metrics["predict/n_images"]
+    # The printed upload command finds this run from any directory, as printed.
+    (hint,) = [line for line in capsys.readouterr().out.splitlines() if "wandb sync" in line]
+    command = shlex.split(hint.split("to upload it: ")[1]) + ["--dry-run"]
+    assert command[:2] == ["wandb", "sync"] and Path(command[2]) == run_dir.resolve()
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    found = subprocess.run(
+        [str(wandb_cli), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert found.returncode == 0 and "No runs" not in found.stdout + found.stderr
     assert summary["predict/carcinoma_auc"] == pytest.approx(metrics["predict/carcinoma_auc"])
     assert summary["predict/carcinoma_n_images"] == 16
     if label_map == "null":
