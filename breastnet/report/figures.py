@@ -364,14 +364,16 @@ def plot_heatmap(
     # Overlays go on a grey copy: the colour scale then reads without the stain's pinks.
     grey = image @ np.array([0.299, 0.587, 0.114])
     extent = (0, image.shape[1], image.shape[0], 0)
-    tiled = "the patches at their positions" if tiling is not None else "the patches, as tiled"
-    bars: dict[int, float] = {}  # picture index -> µm per displayed pixel
-    pictures = [(image, tiled)]
-    if tiling is not None:
-        bars[0] = tiling.tile_um / (side if side else 1)
+    bars: dict[int, float] = {}  # picture index -> µm per displayed pixel (scale bar)
+    if tiling is None:
+        pictures = [(image, "the patches, as tiled")]
+    else:
+        pictures = [(image, f"the patches at their positions\n(tiled at {tiling.mpp:g} µm/px)")]
+        bars[0] = tiling.tile_um / side
     with suppress(DataError):  # moved or deleted since: the rest of the figure still holds
         thumbnail, step = _thumbnail(r.path, 480)
-        pictures.insert(0, (thumbnail, "the file, as read"))
+        read_at = f"\n({r.mpp:g} µm/px)" if r.mpp else ""
+        pictures.insert(0, (thumbnail, f"the file, as read{read_at}"))
         bars = {i + 1: um for i, um in bars.items()}
         if r.mpp:
             bars[0] = r.mpp * step
@@ -388,8 +390,7 @@ def plot_heatmap(
         ax.imshow(picture)
         if i in bars:
             _scale_bar(ax, bars[i], picture.shape[1])
-            title = f"{title}\n{bars[i]:.2f} µm/px as shown"
-        ax.set_title(f"{title}\n ")
+        ax.set_title(title if "\n" in title else f"{title}\n ")
 
     def overlay(ax: Axes, shown_values: np.ndarray, vmax: float, cmap: str):
         ax.imshow(grey, cmap="gray", vmin=0, vmax=255)

@@ -213,8 +213,8 @@ def _inputs_html(inputs: dict) -> str:
                 f"<span{style}>{shift['n_far']} of {shift['n_images']} "
                 f"({100 * shift['far_share']:.0f} %)</span>: nearest training image farther "
                 "than any training image's nearest other one (median distance "
-                f"{shift['median_distance']:.3f}; between training images "
-                f"{shift['median_training_distance']:.3f})",
+                f"{shift['median_distance']:.3g}; between training images "
+                f"{shift['median_training_distance']:.3g})",
             ]
         )
     return "<h2>What was predicted</h2>" + _table(["what", "value"], rows)
