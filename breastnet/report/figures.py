@@ -9,6 +9,7 @@ shown come from ``breastnet.report.metrics``.
 import math
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -356,11 +357,11 @@ def plot_heatmap(
     positions = np.asarray(r.positions, dtype=int)
     if tiling is None:
         image, _ = _montage(tiles, positions, max_side=480)
-        values = lambda v: _grid_values(v, positions)  # noqa: E731
+        values = partial(_grid_values, positions=positions)
     else:
         origins = positions * tiling.stride if r.origins is None else np.asarray(r.origins)
         image, corners, side = _placed(tiles, origins, tiling.tile_size, max_side=480)
-        values = lambda v: _painted(v, corners, side, image.shape)  # noqa: E731
+        values = partial(_painted, corners=corners, side=side, shape=image.shape)
     # Overlays go on a grey copy: the colour scale then reads without the stain's pinks.
     grey = image @ np.array([0.299, 0.587, 0.114])
     extent = (0, image.shape[1], image.shape[0], 0)
