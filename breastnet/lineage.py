@@ -4,7 +4,8 @@ Every key is a short hash of the config subtree that shapes the artifact plus th
 inputs, computed from the config and the data set's index alone (no DataModule, no model):
 
     index    <- data_dir, labels_csv
-    split    <- index (data fingerprint), ratios/folds, split seed, source grouping
+    split    <- index (data fingerprint), ratios/folds or the fixed split (eva, a split file's
+                content), val share, split seed, source grouping
     inner    <- split, inner fold k of K (the out-of-fold patch models)
     stain    <- stain settings, the reference (auto: the data fingerprint; train: the split;
                 a file: its sha1)
@@ -32,7 +33,7 @@ from breastnet.artifacts import config_hash
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
 from breastnet.data.resolution import BACH_MPP
-from breastnet.data.splits import inner_name, split_name
+from breastnet.data.splits import SplitSpec, inner_name, split_name
 
 # Trainer keys that say where a run executes, not what it learns: left out of model keys.
 PLACEMENT_KEYS = frozenset(
@@ -163,11 +164,13 @@ class Lineage:
     @cached_property
     def outer_split(self) -> Path:
         """The split file of ``data.split``/``data.folds`` (the one the report scores)."""
-        data = self.cfg.data
-        seed = data.seed if data.get("split_seed") is None else data.split_seed
-        fingerprint = bach.data_fingerprint(self.entries)
-        name = split_name(data.split, data.folds, data.fold, seed, data.get("groups"), fingerprint)
+        name = split_name(self.split_spec, bach.data_fingerprint(self.entries))
         return self.work_dir / "splits" / f"{name}.json"
+
+    @cached_property
+    def split_spec(self) -> SplitSpec:
+        """The settings of ``outer_split``."""
+        return SplitSpec.from_data(container(self.cfg.data))
 
     @cached_property
     def split(self) -> Path:

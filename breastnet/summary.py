@@ -3,10 +3,13 @@
     python -m breastnet.summary logs/cv/<time> [--group-by image_model ...] [--metrics KEY ...]
 
 A sweep leaves one job dir per run (``<sweep_dir>/<n>/``) with its overrides and its
-``metrics.json``; this reads them all, writes ``summary.json`` and ``summary.md`` into the
-sweep dir and prints the markdown: a row per job, then mean ± std of every numeric metric per
-group of jobs. A job dir without ``metrics.json`` failed (or has not finished yet): it is
-listed with the end of its log, and the other jobs are summarised all the same.
+``metrics.json``; this reads them all and writes into the sweep dir ``summary.json`` (every
+job and every numeric metric), ``results.json`` (per metric its ``mean``, sample ``stdev``
+and per-job ``values``, as eva writes them) and ``summary.md``, which it prints: each job's
+split protocol, a row per job, then mean ± sample std per group of jobs, of the metrics a
+reader compares (accuracy, balanced accuracy, AUC, the 2-class view; ``HEADLINE``). A job dir
+without ``metrics.json`` failed (or has not finished yet): it is listed with the end of its
+log, and the other jobs are summarised all the same.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ log = logging.getLogger(__name__)
 
 #: Lines of a failed job's log shown in the summary.
 LOG_LINES = 20
+#: The metrics summary.md shows (by the name after the stage's ``<stage>/``); the others are
+#: in summary.json and results.json.
+HEADLINE = (
+    "image_accuracy",
+    "balanced_accuracy",
+    "macro_auc",
+    "carcinoma_accuracy",
+    "carcinoma_auc",
+    "patch_acc_test",
+    "test_acc",
+    "val_acc_best",
+)
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -86,16 +101,35 @@ def _numeric(metrics: dict) -> dict[str, float]:
     }
 
 
-def _group_stats(jobs: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean, std (numpy's default, ddof=0) and count of each numeric metric over ``jobs``."""
+def _group_stats(jobs: list[dict]) -> dict[str, dict]:
+    """Mean, sample std (ddof=1, as papers and eva report it; None for one job), count and
+    the values in job order of each numeric metric over ``jobs``."""
     values: dict[str, list[float]] = {}
     for job in jobs:
         for key, value in _numeric(job["metrics"]).items():
             values.setdefault(key, []).append(value)
     return {
-        key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+        key: {
+            "mean": float(np.mean(v)),
+            "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v),
+            "values": v,
+        }
         for key, v in sorted(values.items())
     }
+
+
+def results(summary: dict) -> dict:
+    """``results.json``: ``{metric: {"mean", "stdev", "values"}}`` over the finished jobs, or
+    ``{group: {metric: ...}}`` when the summary groups them."""
+    per_group = {
+        group["name"]: {
+            metric: {"mean": s["mean"], "stdev": s["std"], "values": s["values"]}
+            for metric, s in group["metrics"].items()
+        }
+        for group in summary["groups"]
+    }
+    return per_group if summary["group_by"] else next(iter(per_group.values()))
 
 
 def summarize(
@@ -107,13 +141,15 @@ def summarize(
         sweep_dir: the multirun dir (Hydra's ``hydra.sweep.dir``).
         group_by: override keys whose values make a group (e.g. ``image_model``); none: every
             job in one group, ``all``.
-        metrics: the metric columns of ``summary.md`` (default: every numeric metric);
-            ``summary.json`` always has them all.
+        metrics: the metric columns of ``summary.md`` (default: those of ``HEADLINE``, or
+            every numeric one that varies when the jobs have none of them); ``summary.json``
+            always has them all.
 
     Returns:
         ``{"sweep_dir", "group_by", "varying", "jobs": [...], "groups": [...]}``: per job its
         number, overrides, status, metrics (and ``log_tail`` when failed); per group its
-        settings, job counts and ``{metric: {"mean", "std", "n"}}`` over its finished jobs.
+        settings, job counts and ``{metric: {"mean", "std", "n", "values"}}`` over its
+        finished jobs (``std`` with ddof=1).
     """
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
@@ -144,6 +180,7 @@ def summarize(
         "groups": groups,
     }
     write_json(sweep_dir / "summary.json", summary)
+    write_json(sweep_dir / "results.json", results(summary))
     write_text(sweep_dir / "summary.md", to_markdown(summary, metrics))
     return summary
 
@@ -170,9 +207,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _metric_names(summary: dict, metrics: Sequence[str] | None) -> list[str]:
+    """The markdown's metric columns: ``metrics``, else the headline ones the jobs have, else
+    every numeric metric whose value differs between jobs."""
     if metrics:
         return list(metrics)
-    return sorted({k for job in summary["jobs"] for k in _numeric(job["metrics"])})
+    found = sorted({k for job in summary["jobs"] for k in _numeric(job["metrics"])})
+    headline = [k for k in found if k.rsplit("/", 1)[-1] in HEADLINE]
+    if headline:
+        return headline
+    finished = [_numeric(job["metrics"]) for job in summary["jobs"] if job["status"] == "ok"]
+    return [k for k in found if len({m.get(k) for m in finished}) > 1]
 
 
 def job_rows(summary: dict, metrics: Sequence[str] | None = None) -> tuple[list[str], list]:
@@ -211,7 +255,11 @@ def to_markdown(summary: dict, metrics: Sequence[str] | None = None) -> str:
 
     group_by = summary["group_by"]
     over = f"by {', '.join(group_by)}" if group_by else "over all jobs"
-    lines += ["", f"## Mean ± std {over} (finished jobs; std with ddof=0)", ""]
+    protocols = [(job["num"], job["metrics"].get("eval/protocol")) for job in jobs]
+    if any(text for _, text in protocols):
+        lines += ["", "## Protocol", ""]
+        lines += [f"- job {num}: {text}" for num, text in protocols if text]
+    lines += ["", f"## Mean ± sample std {over} (finished jobs; std with ddof=1)", ""]
     group_rows = []
     for group in summary["groups"]:
         stats = group["metrics"]

@@ -81,7 +81,11 @@ def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
     # What was evaluated, and prepare's audit of it: distinct generated images, no leak.
     split = saved["split"]
     assert split["n_images"] == {"train": 8, "val": 4, "test": 4}
-    assert split["text"] == "grouped by image: 8 train / 4 val / 4 test images, 8/4/4 groups"
+    assert split["text"] == (
+        "hold-out 0.5/0.25/0.25, by image: 8 train / 4 val / 4 test images, 8/4/4 groups"
+    )
+    assert metrics["eval/protocol"] == f"{split['name']}: {split['text']}"
+    assert saved["balanced_accuracy"] == metrics["eval/balanced_accuracy"]
     assert split["near_duplicates"] == 0 == metrics["eval/near_duplicates"]
     train = json.loads((trained[1] / "work" / "splits" / f"{split['name']}.json").read_text())
     audit = json.loads(
@@ -255,8 +259,11 @@ def test_wandb_offline_run_holds_metrics_images_and_config(
     assert staged  # the checkpoint copies wait there for `wandb sync`, not in the home dir
     # Each stage under its own keys, in one run: every returned number is in the summary...
     for key, value in metrics.items():
-        assert summary[key] == pytest.approx(value), key
+        assert summary[key] == (value if isinstance(value, str) else pytest.approx(value)), key
     assert {"patch/test_acc", "features/patch_acc_test", "image/val_acc_best"} <= set(summary)
+    # no number without its protocol, balanced accuracy beside accuracy
+    assert summary["eval/protocol"].startswith("holdout-0.5-0.25-0.25-seed2019-")
+    assert "eval/balanced_accuracy" in summary
     # ...and both models' curves, which never share a key.
     for stage in ("patch", "image"):
         for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_select", "test_acc"):

@@ -5,7 +5,13 @@ import json
 import numpy as np
 import pytest
 from sklearn import metrics as sk
-from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    recall_score,
+    roc_auc_score,
+)
 
 from breastnet import CLASSES
 from breastnet.report import write_report
@@ -42,6 +48,9 @@ def test_metrics_match_sklearn() -> None:
     preds = probs.argmax(axis=1)
 
     assert m["image_accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-6)
+    assert m["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(labels, preds), abs=1e-9
+    )
     assert m["patch_accuracy"] == pytest.approx(
         accuracy_score(patch_labels, patch_preds), abs=1e-6
     )
@@ -73,6 +82,8 @@ def test_absent_class_has_no_auc_and_is_left_out_of_the_macro_mean() -> None:
     for c, auc in zip((0, 1, 3), per_class, strict=True):
         assert m["per_class"][CLASSES[c]]["auc"] == pytest.approx(auc, abs=1e-6)
     assert m["macro_auc"] == pytest.approx(np.mean(per_class), abs=1e-6)
+    # the absent class is left out of the macro recall, as scikit-learn leaves it out
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, preds))
     assert m["patch_accuracy"] is None and m["n_patches"] is None
     json.dumps(m, allow_nan=False)
 
@@ -91,18 +102,24 @@ def test_bootstrap_intervals_match_a_resample_by_resample_computation() -> None:
     rng = np.random.default_rng(2)
     labels = rng.integers(0, C, size=30)
     probs = np.round(noisy_probs(labels, rng, signal=1.0), 1)  # with ties, which count half
-    accuracy_ci, auc_ci = bootstrap_intervals(labels, probs, range(C), resamples=300, seed=9)
+    intervals = bootstrap_intervals(labels, probs, range(C), resamples=300, seed=9)
     # The same draws, scored one resample at a time by scikit-learn.
     draws = np.random.default_rng(9).integers(0, 30, size=(300, 30))
-    accuracies, aucs = [], []
+    accuracies, balanced, aucs = [], [], []
     for rows in draws:
         y, p = labels[rows], probs[rows]
         accuracies.append(accuracy_score(y, p.argmax(1)))
+        balanced.append(balanced_accuracy_score(y, p.argmax(1)))
         aucs.append(
             np.mean([roc_auc_score(y == c, p[:, c]) for c in range(C) if 0 < (y == c).sum() < 30])
         )
-    assert accuracy_ci == pytest.approx(np.percentile(accuracies, [2.5, 97.5]), abs=1e-9)
-    assert auc_ci == pytest.approx(np.percentile(aucs, [2.5, 97.5]), abs=1e-9)
+    percentiles = {
+        "accuracy": np.percentile(accuracies, [2.5, 97.5]),
+        "balanced_accuracy": np.percentile(balanced, [2.5, 97.5]),
+        "macro_auc": np.percentile(aucs, [2.5, 97.5]),
+    }
+    for key, expected in percentiles.items():
+        assert intervals[key] == pytest.approx(expected, abs=1e-9), key
 
 
 def test_metrics_carry_bootstrap_intervals() -> None:
@@ -112,7 +129,7 @@ def test_metrics_carry_bootstrap_intervals() -> None:
         labels = rng.integers(0, C, size=n)
         probs = noisy_probs(labels, rng)
         m = classification_metrics(labels, probs)
-        for key in ("image_accuracy", "macro_auc"):
+        for key in ("image_accuracy", "balanced_accuracy", "macro_auc"):
             low, high = m[f"{key}_ci"]
             assert low <= m[key] <= high and low < high
         widths.append(m["image_accuracy_ci"][1] - m["image_accuracy_ci"][0])

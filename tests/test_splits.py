@@ -12,6 +12,7 @@ from breastnet.data.bach import DataError, IndexEntry, data_fingerprint
 from breastnet.data.groups import resolve_groups
 from breastnet.data.splits import (
     SIDES,
+    SplitSpec,
     crossing_groups,
     holdout_split,
     kfold_split,
@@ -79,14 +80,14 @@ def test_too_few_images_for_the_split() -> None:
 
 
 def test_split_is_written_once_and_reused(tmp_path: Path) -> None:
-    split, path = load_or_make_split(tmp_path, entries(10), seed=4)
+    split, path = load_or_make_split(tmp_path, entries(10), SplitSpec(seed=4))
     assert path.parent == tmp_path / "splits" and json.loads(path.read_text()) == split
     path.write_text(json.dumps({**split, "marker": []}))
-    again, again_path = load_or_make_split(tmp_path, entries(10), seed=4)
+    again, again_path = load_or_make_split(tmp_path, entries(10), SplitSpec(seed=4))
     assert again_path == path and "marker" in again  # read back, not remade
-    more, more_path = load_or_make_split(tmp_path, entries(11), seed=4)
+    more, more_path = load_or_make_split(tmp_path, entries(11), SplitSpec(seed=4))
     assert more_path != path and len(more["train"]) + len(more["val"]) + len(more["test"]) == 44
-    fold, fold_path = load_or_make_split(tmp_path, entries(10), folds=5, fold=2, seed=4)
+    fold, fold_path = load_or_make_split(tmp_path, entries(10), SplitSpec(folds=5, fold=2, seed=4))
     assert fold_path.name.startswith("kfold5-fold2-seed4-") and len(fold["test"]) == 8
 
 
@@ -95,28 +96,34 @@ def test_null_grouping_reproduces_the_splits_made_before_groups(tmp_path: Path) 
     assert config_hash(holdout_split(entries(30), seed=5)) == "66e2e1f1a0"
     folds = [kfold_split(entries(30), 5, k, 0.25, seed=5) for k in range(5)]
     assert config_hash(folds) == "0af944d24f"
-    split, path = load_or_make_split(tmp_path, entries(30), seed=5, groups=None)
+    split, path = load_or_make_split(tmp_path, entries(30), SplitSpec(seed=5))
     assert split == holdout_split(entries(30), seed=5)
     assert path.stem == f"holdout-0.7-0.2-0.1-seed5-{data_fingerprint(entries(30))}"
 
 
 def test_split_seed_replaces_seed_for_the_split(tmp_path: Path) -> None:
-    a, a_path = load_or_make_split(tmp_path, entries(10), seed=1, split_seed=7)
-    b, b_path = load_or_make_split(tmp_path, entries(10), seed=2, split_seed=7)
+    settings = {"split": [0.7, 0.2, 0.1], "data_dir": "."}
+    a_spec = SplitSpec.from_data(settings | {"seed": 1, "split_seed": 7})
+    b_spec = SplitSpec.from_data(settings | {"seed": 2, "split_seed": 7})
+    a, a_path = load_or_make_split(tmp_path, entries(10), a_spec)
+    b, b_path = load_or_make_split(tmp_path, entries(10), b_spec)
     assert a == b == holdout_split(entries(10), seed=7) and a_path == b_path
-    assert a_path.stem == split_name(
-        (0.7, 0.2, 0.1), None, 0, 7, None, data_fingerprint(entries(10))
-    )
+    assert a_path.stem == split_name(SplitSpec(seed=7), data_fingerprint(entries(10)))
 
 
 def test_split_name_carries_the_grouping() -> None:
-    assert split_name((0.7, 0.2, 0.1), None, 0, 3, "blocks:10", "abc") == (
+    assert split_name(SplitSpec(seed=3, groups="blocks:10"), "abc") == (
         "holdout-0.7-0.2-0.1-groups_blocks10-seed3-abc"
     )
-    assert split_name((0.7, 0.2, 0.1), 5, 2, 3, "patient", "abc") == (
+    assert split_name(SplitSpec(folds=5, fold=2, seed=3, groups="patient"), "abc") == (
         "kfold5-fold2-groups_col-patient-seed3-abc"
     )
-    assert split_name((0.7, 0.2, 0.1), 5, 2, 3, None, "abc") == "kfold5-fold2-seed3-abc"
+    assert split_name(SplitSpec(folds=5, fold=2, seed=3), "abc") == "kfold5-fold2-seed3-abc"
+    # the val share of a k-fold split, when not the paper's ratios, and the BACH-name column
+    other = SplitSpec(split=(0.6, 0.2, 0.2), folds=5, fold=2, seed=3)
+    assert split_name(other, "abc") == "kfold5-fold2-split0.6-0.2-0.2-seed3-abc"
+    eva = SplitSpec(split="eva", seed=3, groups="bach", bach_names="bach_name")
+    assert split_name(eva, "abc") == "eva-val0.2-groups_bach-names_bach_name-seed3-abc"
 
 
 def class_counts(ids: list[str]) -> Counter:
@@ -182,27 +189,34 @@ def test_too_few_groups_fail_clearly() -> None:
 
 def test_grouped_split_file_is_reused_and_checked(tmp_path: Path) -> None:
     data = entries(50)
-    split, path = load_or_make_split(tmp_path, data, folds=5, fold=1, seed=0, groups="blocks:5")
+    grouped = SplitSpec(folds=5, fold=1, seed=0, groups="blocks:5")
+    split, path = load_or_make_split(tmp_path, data, grouped)
     assert "-groups_blocks5-" in path.name
     assert crossing_groups(split, resolve_groups(data, "blocks:5")) == []
-    again, _ = load_or_make_split(tmp_path, data, folds=5, fold=1, seed=0, groups="blocks:5")
+    again, _ = load_or_make_split(tmp_path, data, grouped)
     assert again == split
     leaked = {**split, "train": split["train"] + split["test"][:1]}
     path.write_text(json.dumps(leaked))
     with pytest.raises(DataError, match="groups on two sides"):
-        load_or_make_split(tmp_path, data, folds=5, fold=1, seed=0, groups="blocks:5")
+        load_or_make_split(tmp_path, data, grouped)
 
 
 def test_split_summary_counts_images_and_groups() -> None:
     data = entries(50)
     groups = resolve_groups(data, "blocks:5")
-    summary = split_summary(holdout_split(data, seed=0, groups=groups), groups, "blocks:5")
+    spec = SplitSpec(groups="blocks:5")
+    labels = {e.image_id: e.label for e in data}
+    summary = split_summary(holdout_split(data, seed=0, groups=groups), groups, spec, labels)
     assert summary["n_images"] == {"train": 140, "val": 40, "test": 20}
     assert summary["n_groups"] == {"train": 28, "val": 8, "test": 4}
     assert (
         summary["text"]
-        == "grouped by blocks:5: 140 train / 40 val / 20 test images, 28/8/4 groups"
+        == "hold-out 0.7/0.2/0.1, grouped by blocks:5: 140 train / 40 val / 20 test images, "
+        "28/8/4 groups"
     )
+    assert summary["n_classes"]["test"] == dict.fromkeys(sorted(CLASSES), 5)
     by_image = split_summary({"train": ["a", "b"], "val": [], "test": ["c"]})
-    assert by_image["text"] == "grouped by image: 2 train / 1 test images, 2/1 groups"
+    assert by_image["text"] == (
+        "hold-out 0.7/0.2/0.1, by image: 2 train / 1 test images, 2/1 groups"
+    )
     assert by_image["n_groups"] == {"train": 2, "val": 0, "test": 1}

@@ -26,6 +26,13 @@ JOBS = [
     (["image_model=mean", "data.fold=0", "seed=1"], {"image/test_acc": 0.5, "n_images": 40}),
     (["image_model=mean", "data.fold=1", "seed=1"], None),
 ]
+
+
+def approx_stats(expected: dict):
+    """pytest.approx over a metric's stats, its list of values included."""
+    return {k: pytest.approx(v) for k, v in expected.items()}
+
+
 LOG = [f"[2026-01-01 00:00:{i:02d}][breastnet.cli][INFO] - line {i}" for i in range(30)]
 
 
@@ -67,13 +74,18 @@ def test_one_group(sweep: Path) -> None:
     (group,) = summary["groups"]
     assert (group["name"], group["n_jobs"], group["n_failed"]) == ("all", 4, 1)
     test_acc = [0.6, 0.8, 0.5]
-    assert group["metrics"]["image/test_acc"] == pytest.approx(
-        {"mean": np.mean(test_acc), "std": np.std(test_acc), "n": 3}
+    # the sample std (ddof=1), as papers and eva quote it, and the values in job order
+    assert group["metrics"]["image/test_acc"] == approx_stats(
+        {"mean": np.mean(test_acc), "std": np.std(test_acc, ddof=1), "n": 3, "values": test_acc}
     )
-    assert group["metrics"]["image/val_acc_best"] == pytest.approx(
-        {"mean": 0.725, "std": 0.025, "n": 2}
+    assert group["metrics"]["image/val_acc_best"] == approx_stats(
+        {"mean": 0.725, "std": 0.05 / 2**0.5, "n": 2, "values": [0.7, 0.75]}
     )
-    assert group["metrics"]["n_images"] == {"mean": 40.0, "std": 0.0, "n": 1}
+    assert group["metrics"]["n_images"] == {"mean": 40.0, "std": None, "n": 1, "values": [40]}
+    saved = json.loads((sweep / "results.json").read_text())
+    assert saved["image/test_acc"] == approx_stats(
+        {"mean": np.mean(test_acc), "stdev": np.std(test_acc, ddof=1), "values": test_acc}
+    )
     # dicts, strings and booleans are not numbers
     assert set(group["metrics"]) == {"image/test_acc", "image/val_acc_best", "n_images"}
 
@@ -81,9 +93,10 @@ def test_one_group(sweep: Path) -> None:
     assert "4 jobs: 3 finished, 1 failed." in md
     header = "| job | status | image_model | data.fold | image/test_acc | image/val_acc_best |"
     assert header in md
-    assert "| 1 | ok | bilstm | 1 | 0.8 | 0.75 | — |" in md
-    assert "| 3 | failed | mean | 1 | — | — | — |" in md
-    assert "| all | 3 (+1 failed) | 0.6333 ± 0.1247 | 0.725 ± 0.025 | 40 ± 0 |" in md
+    assert "| 1 | ok | bilstm | 1 | 0.8 | 0.75 |" in md
+    assert "| 3 | failed | mean | 1 | — | — |" in md
+    assert "n_images" not in md  # a count, not a result: in the JSON only
+    assert "| all | 3 (+1 failed) | 0.6333 ± 0.1528 | 0.725 ± 0.03536 |" in md
     assert "### Job 3: image_model=mean data.fold=1 seed=1" in md
     assert "ValueError: fold 1 broke" in md and LOG[10] not in md
 
@@ -93,13 +106,17 @@ def test_group_by(sweep: Path) -> None:
     assert list(groups) == ["image_model=bilstm", "image_model=mean"]
     bilstm, mean = groups["image_model=bilstm"], groups["image_model=mean"]
     assert bilstm["settings"] == {"image_model": "bilstm"}
-    assert bilstm["metrics"]["image/test_acc"] == pytest.approx({"mean": 0.7, "std": 0.1, "n": 2})
+    assert bilstm["metrics"]["image/test_acc"] == approx_stats(
+        {"mean": 0.7, "std": 0.2 / 2**0.5, "n": 2, "values": [0.6, 0.8]}
+    )
     assert (mean["n_jobs"], mean["n_failed"]) == (2, 1)
-    assert mean["metrics"]["image/test_acc"] == {"mean": 0.5, "std": 0.0, "n": 1}
+    assert mean["metrics"]["image/test_acc"] == {"mean": 0.5, "std": None, "n": 1, "values": [0.5]}
+    saved = json.loads((sweep / "results.json").read_text())
+    assert saved["image_model=bilstm"]["image/test_acc"]["values"] == [0.6, 0.8]
     md = (sweep / "summary.md").read_text()
     assert "| image_model | jobs | image/test_acc |" in md
-    assert "| bilstm | 2 | 0.7 ± 0.1 |" in md
-    assert "| mean | 1 (+1 failed) | 0.5 ± 0 |" in md
+    assert "| bilstm | 2 | 0.7 ± 0.1414 |" in md
+    assert "| mean | 1 (+1 failed) | 0.5 ± — |" in md
 
 
 def test_group_by_a_default(tmp_path: Path) -> None:
@@ -115,7 +132,9 @@ def test_group_by_a_default(tmp_path: Path) -> None:
     summary = summarize(tmp_path, ["image_model", "data.folds"])
     (group,) = summary["groups"]
     assert group["settings"] == {"image_model": "bilstm", "data.folds": "2"}
-    assert group["metrics"]["acc"] == pytest.approx({"mean": 0.55, "std": 0.05, "n": 2})
+    assert group["metrics"]["acc"] == approx_stats(
+        {"mean": 0.55, "std": 0.1 / 2**0.5, "n": 2, "values": [0.5, 0.6]}
+    )
 
 
 def test_no_jobs(tmp_path: Path) -> None:
@@ -128,7 +147,7 @@ def test_cli_prints_chosen_metrics(sweep: Path, capsys: pytest.CaptureFixture) -
     out = capsys.readouterr().out
     assert out == (sweep / "summary.md").read_text()
     assert "| image_model | jobs | image/val_acc_best |" in out
-    assert "| bilstm | 2 | 0.725 ± 0.025 |" in out and "image/test_acc" not in out
+    assert "| bilstm | 2 | 0.725 ± 0.03536 |" in out and "image/test_acc" not in out
 
 
 def test_aggregators_script(sweep: Path) -> None:
@@ -141,7 +160,7 @@ def test_aggregators_script(sweep: Path) -> None:
         "| image_model | jobs | image/test_acc | image/val_acc_best | features/patch_acc_test |"
         in out
     )
-    assert "| bilstm | 2 | 0.7 ± 0.1 | 0.725 ± 0.025 | — |" in out
+    assert "| bilstm | 2 | 0.7 ± 0.1414 | 0.725 ± 0.03536 | — |" in out
 
 
 def test_wandb_summary_run(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ of an image in grid order, padded to the longest image of the batch with a mask;
 
 import logging
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,7 +24,7 @@ from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, 
 from breastnet.data.reference import stain_reference
 from breastnet.data.resolution import BACH_MPP
 from breastnet.data.sampling import EpochShuffle
-from breastnet.data.splits import SIDES, load_or_make_split
+from breastnet.data.splits import SIDES, SplitSpec, load_or_make_split
 from breastnet.data.store import PatchCache, StainSettings, Tiling
 from breastnet.data.transforms import build_transforms
 
@@ -46,12 +45,15 @@ class BreastDataModule(pl.LightningDataModule):
         mode: str = "patch",
         labels_csv: str | None = None,
         label_map: Mapping[str, str] | None = None,
-        split: Sequence[float] = (0.7, 0.2, 0.1),
+        split: Sequence[float] | str = (0.7, 0.2, 0.1),
         folds: int | None = None,
         fold: int = 0,
         seed: int = 2019,
         split_seed: int | None = None,
         groups: str | None = None,
+        split_file: str | None = None,
+        val_fraction: float = 0.2,
+        bach_names: str | None = None,
         tile_size: int = 512,
         stride: int = 512,
         patch_size: int = 299,
@@ -80,6 +82,7 @@ class BreastDataModule(pl.LightningDataModule):
         self.entries: list[IndexEntry] = []
         self.split: dict[str, list[str]] = {}
         self.split_path: Path | None = None
+        self.split_spec: SplitSpec | None = None
         self.records: dict[str, dict] = {}
         self.stain = StainSettings()  # the fitted Macenko reference and solver settings
         self.cache: PatchCache | None = None
@@ -177,22 +180,12 @@ class BreastDataModule(pl.LightningDataModule):
         """Find (``build``: make) the split, stain reference and cache for these entries."""
         hp = self.hparams
         self.entries = entries
-        locate_split = partial(
-            load_or_make_split,
-            self.work_dir,
-            entries,
-            tuple(hp.split),
-            hp.folds,
-            hp.fold,
-            hp.seed,
-            groups=hp.groups,
-            split_seed=hp.split_seed,
-            data_dir=self.data_dir,
-            labels_csv=hp.labels_csv,
-        )
-        outer, outer_path = locate_split()
+        self.split_spec = spec = SplitSpec.from_data(hp | {"data_dir": self.data_dir})
+        outer, outer_path = load_or_make_split(self.work_dir, entries, spec)
         self.split, self.split_path = (
-            (outer, outer_path) if hp.inner_fold is None else locate_split(inner=hp.inner_fold)
+            (outer, outer_path)
+            if hp.inner_fold is None
+            else load_or_make_split(self.work_dir, entries, spec, hp.inner_fold)
         )
         settings = lineage.stain_settings(hp.stain, entries, outer_path.stem)
         self.stain = stain = StainSettings(

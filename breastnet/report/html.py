@@ -122,6 +122,8 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
         [
             "image accuracy",
             "95 % CI",
+            "balanced accuracy",
+            "95 % CI",
             "patch accuracy",
             "macro AUC",
             "95 % CI",
@@ -132,6 +134,8 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
             [
                 _fmt(metrics["image_accuracy"]),
                 _fmt_ci(metrics["image_accuracy_ci"], metrics["n_images"]),
+                _fmt(metrics["balanced_accuracy"]),
+                _fmt_ci(metrics["balanced_accuracy_ci"], metrics["n_images"]),
                 _fmt(metrics["patch_accuracy"]),
                 _fmt(metrics["macro_auc"]),
                 _fmt_ci(metrics["macro_auc_ci"], metrics["n_images"]),
@@ -139,7 +143,7 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
                 "n/a" if metrics["n_patches"] is None else str(metrics["n_patches"]),
             ]
         ],
-        numeric=set(range(7)),
+        numeric=set(range(9)),
     )
     per_class = _table(
         ["class", "sensitivity", "specificity", "AUC", "n"],

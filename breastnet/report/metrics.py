@@ -1,4 +1,5 @@
-"""Every number a report quotes: accuracy, AUC, per-class rates, confusion, intervals, ROC.
+"""Every number a report quotes: accuracy, balanced accuracy, AUC, per-class rates,
+confusion, intervals, ROC.
 
 Plain numpy in, JSON-safe numbers out. The figures, the HTML page, W&B and the stages take
 their numbers from here, so a number reads the same wherever it is shown.
@@ -62,6 +63,21 @@ def accuracy(labels: np.ndarray, preds: np.ndarray, n_classes: int = len(CLASSES
     return _number(multiclass_accuracy(pred, target, num_classes=n_classes, average="micro"))
 
 
+def balanced_accuracy(confusion: np.ndarray) -> float | None:
+    """Macro recall: the mean over the classes that have images of the share of them found
+    (scikit-learn's ``balanced_accuracy_score``, eva's BACH metric); None without images.
+
+    Args:
+        confusion: [C, C] counts, rows true, columns predicted.
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    support = confusion.sum(1)
+    present = support > 0
+    if not present.any():
+        return None
+    return _number(np.mean(np.diag(confusion)[present] / support[present]))
+
+
 def enough_for_roc(positive: np.ndarray) -> bool:
     """Whether ``positive`` ([n] bool) holds ``MIN_ROC_IMAGES`` positives and negatives."""
     return min(int(positive.sum()), int((~positive).sum())) >= MIN_ROC_IMAGES
@@ -118,8 +134,9 @@ def bootstrap_intervals(
     seed: int = 0,
     level: float = 0.95,
     preds: np.ndarray | None = None,
-) -> tuple[list[float] | None, list[float] | None]:
-    """Percentile-bootstrap intervals of image accuracy and macro AUC, resampling images.
+) -> dict[str, list[float] | None]:
+    """Percentile-bootstrap intervals of image accuracy, balanced accuracy and macro AUC,
+    resampling images.
 
     Args:
         labels: [n] true class indices.
@@ -132,30 +149,44 @@ def bootstrap_intervals(
         preds: [n] the predicted class of each image (default: the argmax of ``probs``).
 
     Returns:
-        ``([low, high] accuracy, [low, high] macro AUC or None without auc_classes)``; both
-        None with fewer than ``MIN_INTERVAL_IMAGES`` images.
+        ``{"accuracy": [low, high], "balanced_accuracy": [low, high], "macro_auc": [low,
+        high] or None without auc_classes}``; a resample's balanced accuracy averages the
+        recall of the classes it holds. All None with fewer than ``MIN_INTERVAL_IMAGES``
+        images.
     """
     n = len(labels)
     if n < MIN_INTERVAL_IMAGES:
-        return None, None
+        return dict.fromkeys(("accuracy", "balanced_accuracy", "macro_auc"))
     correct = ((probs.argmax(1) if preds is None else preds) == labels).astype(float)
+    members = [labels == c for c in np.unique(labels)]
     draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    accuracies, auc = [], []
+    accuracies, balanced, auc = [], [], []
     for rows in np.array_split(draws, max(1, resamples * n // _BOOTSTRAP_CHUNK)):
         offsets = rows + n * np.arange(len(rows))[:, None]
         weights = np.bincount(offsets.ravel(), minlength=rows.size).reshape(rows.shape)
         accuracies.append(weights @ correct / n)
+        drawn = np.stack([weights[:, m].sum(1) for m in members])  # classes x resamples
+        found = np.stack([weights[:, m] @ correct[m] for m in members])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            balanced.append(np.nanmean(found / np.where(drawn > 0, drawn, np.nan), axis=0))
         if auc_classes:
             per_class = [_weighted_auc(probs[:, c], labels == c, weights) for c in auc_classes]
             auc.append(np.stack(per_class))
     tails = [50 * (1 - level), 50 * (1 + level)]
-    accuracy_ci = [_number(x) for x in np.percentile(np.concatenate(accuracies), tails)]
-    if not auc:
-        return accuracy_ci, None
-    per_resample = np.concatenate(auc, axis=1)  # classes x resamples
-    defined = ~np.isnan(per_resample).all(0)
-    macro = np.nanmean(per_resample[:, defined], axis=0)
-    return accuracy_ci, [_number(x) for x in np.percentile(macro, tails)]
+
+    def interval(values: np.ndarray) -> list[float]:
+        return [_number(x) for x in np.percentile(values, tails)]
+
+    out = {
+        "accuracy": interval(np.concatenate(accuracies)),
+        "balanced_accuracy": interval(np.concatenate(balanced)),
+        "macro_auc": None,
+    }
+    if auc:
+        per_resample = np.concatenate(auc, axis=1)  # classes x resamples
+        defined = ~np.isnan(per_resample).all(0)
+        out["macro_auc"] = interval(np.nanmean(per_resample[:, defined], axis=0))
+    return out
 
 
 def classification_metrics(
@@ -176,10 +207,12 @@ def classification_metrics(
         seed: seed of the bootstrap intervals.
 
     Returns:
-        A JSON-serialisable dict with DESIGN.md's ``metrics.json`` keys plus ``n_images``,
+        A JSON-serialisable dict with ``metrics.json``'s keys: ``image_accuracy``,
+        ``balanced_accuracy`` (macro recall), ``patch_accuracy``, ``macro_auc``, ``n_images``,
         ``n_patches``, and 95 % percentile-bootstrap intervals over images
-        (``bootstrap_intervals``), ``image_accuracy_ci`` and ``macro_auc_ci``: ``[low, high]``,
-        None below ``MIN_INTERVAL_IMAGES`` images (``too_few_for_intervals``).
+        (``bootstrap_intervals``), ``image_accuracy_ci``, ``balanced_accuracy_ci`` and
+        ``macro_auc_ci``: ``[low, high]``, None below ``MIN_INTERVAL_IMAGES`` images
+        (``too_few_for_intervals``).
         A class's one-vs-rest AUC is None when ``labels`` has no image of it (or nothing but
         it): the ROC is undefined there. ``macro_auc`` is the mean over the classes
         that have an AUC, so absent classes are left out rather than counted as 0 or 0.5.
@@ -217,7 +250,7 @@ def classification_metrics(
         }
     present = [m["auc"] for m in per_class.values() if m["auc"] is not None]
     with_auc = [c for c, name in enumerate(classes) if per_class[name]["auc"] is not None]
-    accuracy_ci, auc_ci = bootstrap_intervals(labels, probs, with_auc, seed=seed)
+    intervals = bootstrap_intervals(labels, probs, with_auc, seed=seed)
 
     patch_accuracy = n_patches = None
     if patch_labels is not None and patch_preds is not None:
@@ -225,10 +258,12 @@ def classification_metrics(
         patch_accuracy = accuracy(patch_labels, patch_preds, n_classes)
     return {
         "image_accuracy": accuracy(labels, probs.argmax(1), n_classes),
-        "image_accuracy_ci": accuracy_ci,
+        "image_accuracy_ci": intervals["accuracy"],
+        "balanced_accuracy": balanced_accuracy(confusion),
+        "balanced_accuracy_ci": intervals["balanced_accuracy"],
         "patch_accuracy": patch_accuracy,
         "macro_auc": _number(np.mean(present)) if present else None,
-        "macro_auc_ci": auc_ci,
+        "macro_auc_ci": intervals["macro_auc"],
         "per_class": per_class,
         "confusion_matrix": confusion.astype(int).tolist(),
         "n_images": n,
@@ -265,16 +300,16 @@ def two_class_metrics(groups: np.ndarray, probs: np.ndarray, seed: int = 0) -> d
     positives, negatives = true_pos + false_neg, true_neg + false_pos
     both = positives > 0 and negatives > 0
     auc = binary_auroc(torch.from_numpy(score), torch.from_numpy(groups)) if both else None
-    accuracy_ci, auc_ci = bootstrap_intervals(
+    intervals = bootstrap_intervals(
         groups, np.stack([1 - score, score], 1), [1] if both else [], seed=seed, preds=predicted
     )
     return {
         "accuracy": _number((true_pos + true_neg) / len(groups)),
-        "accuracy_ci": accuracy_ci,
+        "accuracy_ci": intervals["accuracy"],
         "sensitivity": _number(true_pos / positives) if positives else None,
         "specificity": _number(true_neg / negatives) if negatives else None,
         "auc": None if auc is None else _number(auc),
-        "auc_ci": auc_ci,
+        "auc_ci": intervals["macro_auc"],
         "confusion_matrix": confusion.tolist(),
         "n_images": len(groups),
         "n_carcinoma": int(positives),
@@ -285,7 +320,7 @@ def two_class_metrics(groups: np.ndarray, probs: np.ndarray, seed: int = 0) -> d
 def headline(metrics: dict) -> dict[str, float]:
     """The scalars a run's summary (W&B, Hydra sweeps) carries from a report's metrics:
     the 4-class numbers and the 2-class ones as ``carcinoma_<name>``."""
-    keys = ("image_accuracy", "patch_accuracy", "macro_auc", "n_images")
+    keys = ("image_accuracy", "balanced_accuracy", "patch_accuracy", "macro_auc", "n_images")
     out = {k: metrics[k] for k in keys if metrics.get(k) is not None}
     two = metrics.get("two_class") or {}
     keys = ("accuracy", "sensitivity", "specificity", "auc", "n_images")

@@ -35,7 +35,15 @@ from breastnet.report.result import ImageResult, class_name, label_name
 # metrics.json's 4-class keys when the labels are only the 2-class groups (no 4-class view:
 # n_images None, not 0; n_images_by_view counts what each view scored)
 _NO_FOUR_CLASS = dict.fromkeys(
-    ("image_accuracy", "image_accuracy_ci", "patch_accuracy", "macro_auc", "macro_auc_ci")
+    (
+        "image_accuracy",
+        "image_accuracy_ci",
+        "balanced_accuracy",
+        "balanced_accuracy_ci",
+        "patch_accuracy",
+        "macro_auc",
+        "macro_auc_ci",
+    )
 ) | {"per_class": None, "confusion_matrix": None, "n_images": None, "n_patches": None}
 
 

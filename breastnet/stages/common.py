@@ -92,12 +92,17 @@ def train_and_test(
     return metrics
 
 
-def summary_metrics(report: Report, prefix: str) -> dict[str, float]:
-    """The headline numbers of a report as flat ``<prefix>/<name>`` scalars (for Hydra, W&B)."""
+def summary_metrics(report: Report, prefix: str) -> dict[str, float | str]:
+    """The headline numbers of a report as flat ``<prefix>/<name>`` scalars (for Hydra, W&B),
+    and for an evaluated split its protocol (``<prefix>/protocol``: split file, grouping,
+    images and groups per side), so no number travels without it."""
     if report.metrics is None:
         return {}
-    out = {f"{prefix}/{k}": v for k, v in headline(report.metrics).items()}
-    if (duplicates := report.metrics.get("split", {}).get("near_duplicates")) is not None:
+    out: dict[str, float | str] = {f"{prefix}/{k}": v for k, v in headline(report.metrics).items()}
+    split = report.metrics.get("split", {})
+    if "text" in split:
+        out[f"{prefix}/protocol"] = f"{split['name']}: {split['text']}"
+    if (duplicates := split.get("near_duplicates")) is not None:
         out[f"{prefix}/near_duplicates"] = duplicates
     return out
 

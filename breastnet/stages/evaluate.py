@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.datasets import FeatureDataset
-from breastnet.data.groups import resolve_groups
 from breastnet.data.splits import SIDES, split_summary
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
@@ -65,13 +64,11 @@ def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[st
     """What a reader needs to trust the numbers: the split's sides and source groups, and
     from prepare's audit the near-duplicates among the ``evaluated`` images and their
     closest training images (``evaluate.examples`` pairs)."""
-    spec = cfg.data.groups
-    groups = (
-        resolve_groups(datamodule.entries, spec, datamodule.data_dir, cfg.data.labels_csv)
-        if spec is not None
-        else None
-    )
-    facts = split_summary(datamodule.split, groups, spec) | {"name": datamodule.split_path.stem}
+    spec = datamodule.split_spec
+    labels = {e.image_id: e.label for e in datamodule.entries}
+    groups = spec.groups_of(datamodule.entries)
+    facts = split_summary(datamodule.split, groups, spec, labels)
+    facts["name"] = datamodule.split_path.stem
     audit = datamodule.split_path.with_suffix(".audit.json")
     if not audit.is_file():  # audit.enabled=false
         return facts

@@ -1,10 +1,15 @@
 """Baseline (1): frozen ImageNet MobileNetV2 features of each tile, no stain work, no
 fine-tuning; a logistic regression on the training patches; an image's class = the mean of its
-patch probabilities. Same images, tiles and splits as the pipeline (the split files in
-work_dir), so its numbers sit in the same table as ``experiment=bach_cpu``.
+patch probabilities. Same images, tiles and splits as the pipeline (the same split code and
+settings: ``data.split``, ``data.groups``, bach-dev's BACH names), so its numbers sit in the
+same table as ``experiment=bach_cpu``.
 
     python experiments/bach_cpu/baseline_frozen.py --work-dir /tmp/bc/work --folds 5 \
-        --groups image blocks:10
+        --groups image blocks:10 bach --eva-seeds 2019 2020 2021
+
+Per protocol: image accuracy and balanced accuracy of each fold, their mean and sample std;
+on eva's split (its bach-dev part: 134 train / 66 test) the same for each split seed (which
+carves val, so training images, out of eva's training side) and the 95 % bootstrap interval.
 
 ``--tile``/``--size`` and ``--stain-reference`` (the Macenko reference prepare wrote to
 ``work_dir/stain/``) turn it into a probe of which tile scale and colour handling carry the
@@ -14,7 +19,6 @@ signal, without any training.
 import argparse
 import json
 import os
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +29,18 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from breastnet.data.bach import build_index, read_index, read_rgb
-from breastnet.data.splits import load_or_make_split
+from breastnet.data.splits import SplitSpec, load_or_make_split
 from breastnet.data.stain import MacenkoNormalizer, StainReference
 from breastnet.data.store import Tiling, normalise_and_tile
 from breastnet.lineage import index_path
 from breastnet.models.backbone import build_backbone
-from breastnet.report.metrics import accuracy
+from breastnet.report.metrics import accuracy, classification_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 BACH_DEV = os.environ.get("BREASTNET_BACH_DEV", str(ROOT.parent / "shared/data/bach-dev"))
+PATIENTS = os.environ.get(
+    "BREASTNET_BACH_DEV_PATIENTS", str(ROOT.parent / "shared/data/bach-dev-patients.csv")
+)
 WEIGHTS = os.environ.get(
     "BREASTNET_WEIGHTS",
     str(ROOT.parent / "shared/weights/mobilenet_v2_imagenet_bnfolded_fp16.pth"),
@@ -55,21 +62,35 @@ def tile_features(
 
 
 def evaluate(split: dict, feats: dict, labels: dict) -> dict[str, float]:
-    """Fit on the train patches; patch and image (mean of patch probabilities) test accuracy."""
+    """Fit on the train patches; patch accuracy, and image accuracy, balanced accuracy and
+    their intervals (an image's probabilities: the mean of its patches')."""
     train = split["train"]
     x = np.concatenate([feats[i] for i in train])
     y = np.concatenate([[labels[i]] * len(feats[i]) for i in train])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y)
-    patch_labels, patch_preds, image_preds = [], [], []
+    patch_labels, patch_preds, image_probs = [], [], []
     for i in split["test"]:
         probs = model.predict_proba(feats[i])
         patch_labels.append(np.full(len(probs), labels[i]))
         patch_preds.append(probs.argmax(1))
-        image_preds.append(probs.mean(0).argmax())
+        image_probs.append(probs.mean(0))
+    m = classification_metrics(np.array([labels[i] for i in split["test"]]), np.stack(image_probs))
+    keys = ("image_accuracy", "image_accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci")
     return {
         "patch_acc": accuracy(np.concatenate(patch_labels), np.concatenate(patch_preds)),
-        "image_acc": accuracy(np.array([labels[i] for i in split["test"]]), np.array(image_preds)),
+        **{k: m[k] for k in keys},
+        "n_train": len(train),
+        "n_test": len(split["test"]),
     }
+
+
+def spread(runs: list[dict]) -> dict:
+    """Mean, sample std and the values of each score over ``runs`` (folds or seeds)."""
+    out = {}
+    for key in ("image_accuracy", "balanced_accuracy", "patch_acc"):
+        values = np.array([r[key] for r in runs])
+        out[key] = {"mean": values.mean(), "std": values.std(ddof=1), "values": values.tolist()}
+    return out
 
 
 def main() -> None:
@@ -83,8 +104,19 @@ def main() -> None:
         "--groups",
         nargs="+",
         default=["image"],
-        help="splits by image and/or data.groups specs, e.g. --groups image blocks:10",
+        help="k-fold by image and/or data.groups specs, e.g. --groups image blocks:10 bach",
     )
+    parser.add_argument(
+        "--eva-seeds",
+        nargs="*",
+        type=int,
+        default=[],
+        help="split seeds of eva's split (grouped by bach), e.g. 2019 2020 2021",
+    )
+    parser.add_argument(
+        "--labels-csv", default=PATIENTS, help="the label CSV with the BACH-name column"
+    )
+    parser.add_argument("--bach-names", default="bach_name", help="data.bach_names")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument(
@@ -98,27 +130,34 @@ def main() -> None:
         reference = json.loads(args.stain_reference.read_text())["reference"]
         normalizer = MacenkoNormalizer.from_reference(StainReference.from_dict(reference))
 
-    index = index_path(args.work_dir, args.data, None)
+    index = index_path(args.work_dir, args.data, args.labels_csv)
     previous = read_index(index) if index.is_file() else None
-    entries = [
-        e for e in build_index(args.data, min_size=args.tile, previous=previous) if e.usable
-    ]
+    found = build_index(args.data, args.labels_csv, min_size=args.tile, previous=previous)
+    entries = [e for e in found if e.usable]
     labels = {e.image_id: e.label_index for e in entries}
     tiling = Tiling(tile_size=args.tile, stride=args.tile, patch_size=args.size)
     feats = tile_features(entries, args.weights, tiling, normalizer)
+    names = {"data_dir": args.data, "labels_csv": args.labels_csv, "bach_names": args.bach_names}
+
+    def split(**settings) -> dict:
+        spec = SplitSpec(**names | settings)
+        return load_or_make_split(args.work_dir, entries, spec)[0]
+
     results = {}
-    for spec in args.groups:
-        groups = None if spec == "image" else spec
-        split = partial(load_or_make_split, args.work_dir, entries, seed=args.seed, groups=groups)
-        found = {"holdout": evaluate(split()[0], feats, labels)}
-        for fold in range(args.folds):
-            found[f"fold{fold}"] = evaluate(split(folds=args.folds, fold=fold)[0], feats, labels)
-        folds = [found[f"fold{f}"] for f in range(args.folds)]
-        for key in ("patch_acc", "image_acc"):
-            values = np.array([r[key] for r in folds])
-            found[f"cv_{key}"] = {"mean": values.mean(), "std": values.std()}
-        results[f"by {spec}"] = found
-    print(json.dumps(results, indent=1))
+    for grouping in args.groups:
+        groups = None if grouping == "image" else grouping
+        folds = [
+            evaluate(split(folds=args.folds, fold=k, seed=args.seed, groups=groups), feats, labels)
+            for k in range(args.folds)
+        ]
+        results[f"{args.folds}-fold by {grouping}"] = {"folds": folds, "cv": spread(folds)}
+    if args.eva_seeds:
+        seeds = [
+            evaluate(split(split="eva", seed=seed, groups="bach"), feats, labels)
+            for seed in args.eva_seeds
+        ]
+        results["eva"] = {"seeds": seeds, "spread": spread(seeds)}
+    print(json.dumps(results, indent=1, default=float))
 
 
 if __name__ == "__main__":
