@@ -19,8 +19,9 @@ OUT = logging.getLogger("breastnet.out")
 # Lightning's own logger: a console handler of its own and no propagation, so without this
 # its lines (devices, our epoch lines) never reach Hydra's file handler.
 _LIGHTNING = "pytorch_lightning"
-# Third-party loggers kept at INFO or above by ``debug=default`` (``hydra.verbose``
-# names breastnet's loggers only): PIL alone wrote 1,008 ``STREAM b'IHDR'`` lines per run.
+# Third-party loggers kept at INFO even under a DEBUG root (``hydra.verbose=true``; the
+# ``debug=default`` config names breastnet's loggers only): PIL alone wrote 1,008
+# ``STREAM b'IHDR'`` lines in one run.
 QUIET_LIBRARIES = ("PIL", "matplotlib", "urllib3", "fsspec", "h5py")
 
 
@@ -41,9 +42,9 @@ def setup_run_logging() -> None:
     # The result lines are printed already: the file handlers are all they need.
     OUT.propagate = not files
     OUT.setLevel(logging.INFO)
-    for name in QUIET_LIBRARIES:
+    for name in QUIET_LIBRARIES:  # unless named themselves (hydra.verbose=[PIL])
         logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < logging.INFO:
+        if logger.level == logging.NOTSET and logger.getEffectiveLevel() < logging.INFO:
             logger.setLevel(logging.INFO)
 
 
