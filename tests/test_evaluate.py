@@ -453,7 +453,7 @@ def test_predict_on_its_own_training_folder(trained, tmp_path, caplog, capsys) -
     assert scored["predict/carcinoma_n_images"] == 16 and scored["predict/training_images"] == 12
 
 
-def test_inputs_unlike_the_training_images_are_flagged(trained, tmp_path, caplog) -> None:
+def test_inputs_unlike_the_training_images_are_flagged(trained, tmp_path, caplog, capsys) -> None:
     """Pixel noise lies farther from every training image than they lie from each other."""
     folder = tmp_path / "noise"
     rng = np.random.default_rng(0)
@@ -470,6 +470,7 @@ def test_inputs_unlike_the_training_images_are_flagged(trained, tmp_path, caplog
         caplog.text
     )
     assert "far from the training images" in (out / "index.html").read_text()
+    assert f"far from the training images: {far} of 3 input images" in capsys.readouterr().out
 
 
 def test_a_missing_artifact_names_the_keys_there_and_the_settings_that_differ(trained) -> None:

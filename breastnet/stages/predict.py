@@ -346,6 +346,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
         for line in outcome_lines(results, root, metrics, left_out):
             say(line)
+        if shift is not None:
+            say(
+                f"far from the training images: {shift['n_far']} of {shift['n_images']} "
+                f"input images ({100 * shift['far_share']:.0f} %; predict/far_from_training)"
+            )
         say(f"predictions: {written.predictions_csv}")
         say(f"report: {written.html}")
         failed = [r for r in results if r.error]
