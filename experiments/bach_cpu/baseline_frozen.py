@@ -61,10 +61,23 @@ def tile_features(
     return out
 
 
-def evaluate(split: dict, feats: dict, labels: dict) -> dict[str, float]:
-    """Fit on the train patches; patch accuracy, and image accuracy, balanced accuracy and
-    their intervals (an image's probabilities: the mean of its patches')."""
-    train = split["train"]
+def cached_features(path: Path, compute) -> dict[str, np.ndarray]:
+    """``compute()``'s features, kept in ``path`` (.npz) for the next run."""
+    if path.is_file():
+        with np.load(path) as saved:
+            return {key.replace("|", "/"): saved[key] for key in saved.files}
+    feats = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{key.replace("/", "|"): value for key, value in feats.items()})
+    return feats
+
+
+def evaluate(
+    split: dict, feats: dict, labels: dict, fit_on: tuple[str, ...] = ("train",)
+) -> dict[str, float]:
+    """Fit on the patches of ``fit_on``; patch accuracy, and image accuracy, balanced
+    accuracy and their intervals (an image's probabilities: the mean of its patches')."""
+    train = [i for side in fit_on for i in split[side]]
     x = np.concatenate([feats[i] for i in train])
     y = np.concatenate([[labels[i]] * len(feats[i]) for i in train])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x, y)
@@ -136,7 +149,12 @@ def main() -> None:
     entries = [e for e in found if e.usable]
     labels = {e.image_id: e.label_index for e in entries}
     tiling = Tiling(tile_size=args.tile, stride=args.tile, patch_size=args.size)
-    feats = tile_features(entries, args.weights, tiling, normalizer)
+    colour = args.stain_reference.stem if args.stain_reference else "raw"
+    cache = args.work_dir / "frozen" / f"{Path(args.data).name}-{args.tile}-{args.size}-{colour}"
+    feats = cached_features(
+        cache.with_suffix(".npz"),
+        lambda: tile_features(entries, args.weights, tiling, normalizer),
+    )
     names = {"data_dir": args.data, "labels_csv": args.labels_csv, "bach_names": args.bach_names}
 
     def split(**settings) -> dict:
@@ -151,12 +169,11 @@ def main() -> None:
             for k in range(args.folds)
         ]
         results[f"{args.folds}-fold by {grouping}"] = {"folds": folds, "cv": spread(folds)}
-    if args.eva_seeds:
-        seeds = [
-            evaluate(split(split="eva", seed=seed, groups="bach"), feats, labels)
-            for seed in args.eva_seeds
-        ]
-        results["eva"] = {"seeds": seeds, "spread": spread(seeds)}
+    for fit_on in (("train",), ("train", "val")):  # a probe needs no val: all 134 may train
+        evas = [split(split="eva", seed=seed, groups="bach") for seed in args.eva_seeds]
+        seeds = [evaluate(s, feats, labels, fit_on) for s in evas]
+        if seeds:
+            results[f"eva, fit on {'+'.join(fit_on)}"] = {"seeds": seeds, "spread": spread(seeds)}
     print(json.dumps(results, indent=1, default=float))
 
 
