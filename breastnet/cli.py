@@ -1,8 +1,9 @@
 """``python -m breastnet``: compose the config with Hydra, then run the chosen stages in order.
 
-A user error (bad data, a missing input, a stage run before the one it needs) ends the run
-with its message and exit status 1; any other exception keeps its traceback, and
-``HYDRA_FULL_ERROR=1`` shows the traceback of both.
+A user error (bad data, a missing input, a stage run before the one it needs, a mistyped
+setting) ends the run with its message and exit status 1; any other exception keeps its
+traceback, and ``HYDRA_FULL_ERROR=1`` shows the traceback of both. ``--help`` lists the
+stages, the experiments and example commands (``conf/hydra/default.yaml``).
 """
 
 import importlib
@@ -21,7 +22,9 @@ from omegaconf import DictConfig
 from breastnet import distributed, tracking
 from breastnet.artifacts import write_json
 from breastnet.errors import ConfigError, is_user_error, unwrap
+from breastnet.logs import setup_run_logging
 from breastnet.quiet import quiet_known_noise
+from breastnet.typos import check_overrides
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +69,22 @@ class JobFailed(CompactHydraException):
     """A sweep job's user error: Hydra prints its message alone when the sweep ends."""
 
 
+def main() -> float | None:
+    """Entry point: a mistyped setting is one message (``breastnet.typos``) before Hydra
+    composes, which would advise its ``+`` form; then ``run``."""
+    try:
+        check_overrides(sys.argv[1:], CONF_DIR)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+    return run()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Entry point: metrics go to the run dir's metrics.json and, as
+def run(cfg: DictConfig) -> float | None:
+    """The composed run: metrics go to the run dir's metrics.json and, as
     ``cfg.optimized_metric``, to Hydra sweepers."""
+    setup_run_logging()  # Hydra has configured logging by now
     quiet_known_noise(cfg)
     multirun = distributed.in_multirun()
     try:

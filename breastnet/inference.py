@@ -24,6 +24,7 @@ from breastnet.data.feature_store import FeatureStore
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
 from breastnet.lineage import Lineage
+from breastnet.missing import other_keys
 from breastnet.models.backbone import PatchNet
 from breastnet.models.embedding import Embedder
 from breastnet.models.image_classifier import ImageClassifier
@@ -31,10 +32,11 @@ from breastnet.models.patch_classifier import PatchClassifier
 from breastnet.report import ImageResult
 
 
-def _best_checkpoint(out_dir: Path, stage: str) -> Path:
+def _best_checkpoint(cfg: DictConfig, out_dir: Path, stage: str) -> Path:
     if finished_metrics(out_dir) is None:
         raise FileNotFoundError(
             f"no finished {stage} model in {out_dir}: run the {stage} stage first"
+            + other_keys(cfg, stage, out_dir)
         )
     return out_dir / "best.ckpt"
 
@@ -44,7 +46,7 @@ def load_patch_model(cfg: DictConfig, lineage: Lineage) -> PatchClassifier:
     frozen encoder (``patch_model.freeze``) as its weights file gives it."""
     if lineage.frozen:
         return instantiate(cfg.patch_model).eval()
-    checkpoint = _best_checkpoint(lineage.patch, "patch")
+    checkpoint = _best_checkpoint(cfg, lineage.patch, "patch")
     net = instantiate(cfg.patch_model.net, weights="none")  # the checkpoint holds the weights
     model = PatchClassifier.load_from_checkpoint(
         checkpoint, net=net, map_location="cpu", weights_only=False
@@ -64,7 +66,7 @@ def build_image_model(
 
 def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:
     """The best checkpoint of the image stage for this config, on the CPU, in eval mode."""
-    checkpoint = _best_checkpoint(lineage.image, "image")
+    checkpoint = _best_checkpoint(cfg, lineage.image, "image")
     # End to end, the CNN is part of the model and its width sizes the aggregator; else the
     # features store's width does (no need to build a ViT-g for its width).
     if cfg.image.end_to_end:

@@ -7,9 +7,10 @@ what their names mean. A name nothing maps is reported with its count of files, 
 dropped silently.
 """
 
+import difflib
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from breastnet import CLASSES
@@ -61,6 +62,7 @@ class LabelMap:
         self.setting = setting
         self.targets = (*CLASSES, *GROUPS) if groups else CLASSES
         self.names = {k: v for k, v in _ALIASES.items() if v in self.targets}
+        self.user_keys: dict[str, str] = {}  # normalised key -> the key as written
         for raw, target in (mapping or {}).items():
             known = _ALIASES.get(_key(str(target)))
             if known not in self.targets:
@@ -69,6 +71,7 @@ class LabelMap:
                     f"{', '.join(self.targets)}"
                 )
             self.names[_key(str(raw))] = known
+            self.user_keys[_key(str(raw))] = str(raw)
 
     def __call__(self, name: str) -> str | None:
         """The class or group name ``name`` stands for; None when nothing maps it."""
@@ -80,6 +83,26 @@ class LabelMap:
             if parent.name and (label := self(parent.name)):
                 return label
         return None
+
+    def check_keys(self, found: Iterable[str]) -> None:
+        """Fail on a map key that matches none of the label names ``found`` (folder names and
+        CSV labels): a typo there leaves a class unlabelled and the score covers the others
+        only, so it is a mistake, never a warning.
+
+        Raises:
+            ConfigError: naming each such key and the nearest label found (difflib).
+        """
+        names = {_key(n): n for n in found if _key(n)}
+        unmatched = [raw for key, raw in self.user_keys.items() if key not in names]
+        if not unmatched:
+            return
+        problems = []
+        for raw in unmatched:
+            near = difflib.get_close_matches(_key(raw), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {names[near[0]]!r}?" if near else ""
+            problems.append(f"key {raw!r} matches no folder or CSV label{hint}")
+        shown = ", ".join(sorted(names.values())[:12]) or "none"
+        raise ConfigError(f"{self.setting}: {'; '.join(problems)} (labels found: {shown})")
 
     def unknown_report(self, unknown: Counter) -> str:
         """One line naming each unknown label with its count of files, and the fix."""
@@ -94,6 +117,15 @@ class LabelMap:
 def csv_label(csv_labels: Mapping[str, str], path: Path, root: Path) -> str | None:
     """A file's label as a label CSV writes it: by its path under ``root``, else its name."""
     return csv_labels.get(path.relative_to(root).as_posix(), csv_labels.get(path.name))
+
+
+def label_names(files: Iterable[Path], root: Path, csv_labels: Mapping[str, str]) -> set[str]:
+    """Every name a label could come from: the folders the files sit in under ``root`` and
+    the labels of the CSV (what ``LabelMap.check_keys`` checks a map against)."""
+    names = set(csv_labels.values())
+    for f in files:
+        names.update(parent.name for parent in f.relative_to(root).parents if parent.name)
+    return names
 
 
 def unlabelled_folder(path: Path, root: Path) -> str | None:

@@ -78,6 +78,14 @@ def patch_model_settings(patch_model: Any) -> dict:
     return settings
 
 
+def features_key(patch: str, tta: bool, oof_folds: int | None) -> str:
+    """Key of the features of patch model ``patch`` (with the out-of-fold models' number)."""
+    settings: dict[str, Any] = {"patch": patch, "tta": tta}
+    if oof_folds:  # in-sample features keep the key they had before oof existed
+        settings["oof_folds"] = oof_folds
+    return artifact_key(settings)
+
+
 @dataclass(frozen=True)
 class Lineage:
     """Every artifact path of one composed config (``cfg.data`` etc.); with ``inner`` (k, K),
@@ -178,10 +186,8 @@ class Lineage:
     @cached_property
     def features(self) -> Path:
         """``work_dir/features/<key>/``: the features store (``breastnet.data.feature_store``)."""
-        settings = {"patch": self.patch.name, "tta": self.cfg.features.tta}
-        if self.oof_folds:  # in-sample features keep the key they had before oof existed
-            settings["oof_folds"] = self.oof_folds
-        return self.work_dir / "features" / artifact_key(settings)
+        key = features_key(self.patch.name, self.cfg.features.tta, self.oof_folds)
+        return self.work_dir / "features" / key
 
     @cached_property
     def image(self) -> Path:

@@ -8,7 +8,9 @@ one W&B run (``wandb.run``), each under its own key prefix (``patch/``, ``featur
 job or fold gets its own run.
 """
 
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from omegaconf import DictConfig
 
 from breastnet import CLASSES
 from breastnet.artifacts import container
+from breastnet.logs import say
 from breastnet.report import ImageResult, Report
 from breastnet.report.metrics import headline
 from breastnet.report.result import label_name
@@ -48,11 +51,24 @@ def log_summary(cfg: DictConfig, metrics: dict[str, float]) -> None:
         run.summary.update(metrics)
 
 
+def sync_command(run_dir: str | Path) -> str:
+    """The command that uploads an offline run: its own folder, absolute, so it works from
+    any directory (a plain ``wandb sync`` looks in ./wandb, and the runs are in the run
+    dirs)."""
+    return f"wandb sync {shlex.quote(str(Path(run_dir).resolve()))}"
+
+
 def finish() -> None:
-    """End the job's W&B run, if one was started (a no-op without wandb)."""
+    """End the job's W&B run, if one was started (a no-op without wandb); an offline run
+    is followed by the command that uploads it."""
     wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
+    if wandb is None or wandb.run is None:
+        return
+    settings = wandb.run.settings
+    offline, run_dir = settings._offline, settings.sync_dir
+    wandb.finish()
+    if offline:
+        say(f"W&B run saved offline; to upload it: {sync_command(run_dir)}")
 
 
 def confusion_chart(confusion: list[list[int]]) -> Any:

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from breastnet.artifacts import container
 from breastnet.data.sampling import sample_seed
 from breastnet.distributed import in_multirun, launched_per_rank, spawned
+from breastnet.logs import on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,10 @@ def build_trainer(
 
     Lightning's ``ddp`` re-launches the command line for ranks > 0, which cannot work inside
     a Hydra multirun (each job would start the sweep again): there ``ddp_spawn`` is used.
+    The progress bar draws only on a terminal.
     """
+    if not on_terminal():  # a redirected log gets ProgressLog's lines, not bar frames
+        overrides.setdefault("enable_progress_bar", False)
     # Under SLURM, srun has started every rank already: nothing to spawn.
     strategy = cfg.trainer.get("strategy")
     if in_multirun() and launched_per_rank(strategy) and not SLURMEnvironment.detect():

@@ -232,7 +232,8 @@ def synthetic_results(
 
 @pytest.fixture(scope="session")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, list[ImageResult]]:
-    """A report of ``synthetic_results()``, with three heatmaps."""
-    results, store = synthetic_results()
+    """A report of ``synthetic_results(40)`` (enough for intervals and every ROC curve),
+    with three heatmaps."""
+    results, store = synthetic_results(40)
     out = tmp_path_factory.mktemp("report")
     return write_report(out, results, patches=store.__getitem__, n_examples=3), results

@@ -1,5 +1,6 @@
 """The Hydra app: every config composes, stages run in order, the command line works."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from breastnet.cli import run_stages
 from breastnet.synthetic import write_synthetic_dataset
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, SMALL_RUN, compose_config
 
 
 @pytest.mark.parametrize(
@@ -30,7 +31,7 @@ def test_config_groups_compose(group: str, settings: dict, tmp_path: Path) -> No
         assert OmegaConf.select(chosen, key) == value != OmegaConf.select(default, key), key
 
 
-def test_prepare_stage_on_generated_data(tmp_path: Path) -> None:
+def test_prepare_stage_on_generated_data(tmp_path: Path, capsys) -> None:
     data = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=1)
     cfg = compose_config(
         tmp_path,
@@ -46,7 +47,13 @@ def test_prepare_stage_on_generated_data(tmp_path: Path) -> None:
     metrics = run_stages(cfg)
     assert metrics["data/n_images"] == 16 and metrics["data/n_patches"] == 16 * 12
     assert metrics["data/n_train_images"] == 8
-    assert len(list((tmp_path / "work" / "index").glob("*.csv"))) == 1
+    (index,) = (tmp_path / "work" / "index").glob("*.csv")
+    # PNGs have no pixel size: an empty field, not 0.0
+    assert {row["mpp"] for row in csv.DictReader(index.open())} == {""}
+    (audit,) = (tmp_path / "work" / "splits").glob("*.audit.json")
+    printed = capsys.readouterr().out
+    assert f"leakage audit: {audit}: highest similarity 0." in printed
+    assert "near-duplicate(s) at >= 0.9" in printed
 
 
 def test_unknown_stage(tmp_path: Path) -> None:
@@ -89,3 +96,29 @@ def test_bad_data_fails_with_the_file_named(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, "experiment=demo", f"data.data_dir={data}", "stages=[prepare]")
     with pytest.raises(Exception, match=r"is001\.png: cannot read image"):
         run_stages(cfg)
+
+
+def test_a_redirected_run_logs_lines_and_its_log_file_has_them(tmp_path: Path) -> None:
+    """Under nohup or SLURM: no progress-bar frames (carriage returns) in the redirected
+    output, and the run's cli.log holds the progress and result lines, not only stdout."""
+    data = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=4)
+    settings = [s for s in SMALL_RUN if "enable_progress_bar" not in s]
+    cmd = [sys.executable, "-m", "breastnet", "stages=[prepare,patch]", *settings]
+    cmd += [
+        f"data.data_dir={data}",
+        f"paths.work_dir={tmp_path / 'work'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "trainer.max_epochs=1",
+    ]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "out.txt", "w") as out:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=out, timeout=600)
+    output = (tmp_path / "out.txt").read_text()
+    assert done.returncode == 0, output[-3000:]
+    assert "\r" not in output
+    assert "prepare: 16/16 img" in output  # the plain progress line instead of a bar
+    (log,) = (tmp_path / "logs" / "runs").glob("*/cli.log")
+    text = log.read_text()
+    for line in ("prepare: 16/16 img", "leakage audit: ", "patch epoch 1/1: train_loss"):
+        assert line in text, line
+    assert "patch/test_acc: " in text

@@ -203,3 +203,57 @@ def test_wandb_logger_passes_no_anonymous_setting(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, "logger=wandb")
     logger = instantiate(cfg.logger, save_dir=str(tmp_path), mode="offline")
     assert isinstance(logger, WandbLogger) and "anonymous" not in logger._wandb_init
+
+
+def test_mistyped_setting_names_the_nearest_key(cli: Cli) -> None:
+    status, out = cli("data.tile_sise=64")
+    assert status == 1
+    assert "data.tile_sise: data has no key 'tile_sise'; did you mean data.tile_size?" in out
+    assert "+data.tile_sise" not in out  # Hydra's advice to append it never comes
+    status, out = cli("+data.tile_sise=64")
+    assert status == 1 and "TypeError" not in out
+    assert "takes no argument 'tile_sise'; did you mean data.tile_size?" in out
+    status, out = cli("experiment=demo", "predict.lable_map={a: b}", "seeed=1")
+    assert status == 1 and "did you mean predict.label_map?" in out
+
+
+def test_help_lists_stages_experiments_and_examples(monkeypatch, capsys) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from breastnet.cli import PIPELINE, main
+
+    monkeypatch.setattr(sys, "argv", ["breastnet", "--help"])
+    try:
+        main()
+    except SystemExit as e:
+        assert not e.code
+    finally:
+        GlobalHydra.instance().clear()
+    out = capsys.readouterr().out
+    assert all(f"\n  {stage} " in out for stage in PIPELINE)
+    experiments = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert f"experiment: {', '.join(experiments)}" in out
+    assert out.count("\n  python -m breastnet ") == 3
+
+
+def test_predict_before_training_quotes_the_training_command(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    image = write_image(tmp_path / "in" / "x.png", tissue_like(0))
+    status, out = cli(
+        "stages=[predict]",
+        "experiment=demo",
+        f"data.data_dir={tmp_path / 'data'}",
+        f"predict.input={image}",
+    )
+    assert status == 1 and "run the prepare stage first" not in out
+    assert "Train it first with the same experiment and settings" in out
+    assert f"python -m breastnet experiment=demo data.data_dir={tmp_path / 'data'}" in out
+    assert "predict.input" not in out.split("python -m breastnet")[1]
+
+
+def test_debug_keeps_third_party_loggers_at_info(cli: Cli, tmp_path: Path) -> None:
+    status, _ = cli("debug=default", "stages=[prepare]", f"data.data_dir={tmp_path / 'none'}")
+    assert status == 1
+    assert logging.getLogger("breastnet.data.bach").getEffectiveLevel() == logging.DEBUG
+    for name in ("PIL", "PIL.PngImagePlugin", "matplotlib", "pytorch_lightning"):
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.INFO, name

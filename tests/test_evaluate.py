@@ -2,7 +2,10 @@
 
 import csv
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +73,8 @@ def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
         for r in rows
     )
     pngs = {p.name for p in report.glob("*.png")}
-    assert {"confusion_matrix.png", "roc.png", "tsne.png", "patch_grid.png"} <= pngs
+    assert {"confusion_matrix.png", "confusion_2class.png", "tsne.png", "patch_grid.png"} <= pngs
+    assert "roc.png" not in pngs  # one test image per class: too few for a ROC curve
     assert len([p for p in pngs if p.startswith("heatmap_")]) == 2
     page = (report / "index.html").read_text()
     assert "data:image/png;base64," in page
@@ -107,9 +111,14 @@ def test_predict_on_raw_files_matches_evaluate(trained, tmp_path: Path) -> None:
     evaluated = max(reports.iterdir(), key=lambda p: p.stat().st_mtime)
     expected = {r["image_id"]: r for r in read_rows(evaluated / "predictions.csv")}
     out = tmp_path / "predicted"
-    metrics = run_stages(
-        cfg_for(trained, "stages=[predict]", f"predict.input={data}", f"predict.output_dir={out}")
+    cfg = cfg_for(
+        trained,
+        "stages=[predict]",
+        f"predict.input={data}",
+        f"predict.output_dir={out}",
+        "predict.include_training=true",  # the training images, scored as evaluate scores them
     )
+    metrics = run_stages(cfg)
     assert metrics["predict/n_images"] == 16
     for row in read_rows(out / "predictions.csv"):
         want = expected[row["image_id"]]
@@ -134,6 +143,7 @@ def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: 
         f"predict.input={folder}",
         f"predict.output_dir={out}",
         "predict.fit=trim",  # the default, overlap, would pad the tiny image to one tile
+        "predict.include_training=true",  # copies of training images
     )
     with pytest.raises(DataError, match="2 of 10 file"):
         run_stages(cfg)
@@ -157,7 +167,8 @@ def test_predict_unlabelled_file_has_no_metrics(trained, tmp_path: Path) -> None
     cfg = cfg_for(
         trained, "stages=[predict]", f"predict.input={image}", f"predict.output_dir={out}"
     )
-    assert run_stages(cfg) == {"predict/n_images": 1}
+    metrics = run_stages(cfg)
+    assert metrics["predict/n_images"] == 1 and not [k for k in metrics if "accuracy" in k]
     (row,) = read_rows(out / "predictions.csv")
     assert row["label"] == "" and row["predicted"] in ("Normal", "Benign", "InSitu", "Invasive")
     assert not (out / "metrics.json").exists()
@@ -278,7 +289,7 @@ GROUPS_ONLY = "{Normal:non_carcinoma,Benign:non_carcinoma,InSitu:carcinoma,Invas
 
 @pytest.mark.parametrize("label_map", ["null", GROUPS_ONLY])
 def test_wandb_run_of_predict_alone_holds_config_and_metrics(
-    trained, tmp_path: Path, monkeypatch, label_map: str
+    trained, tmp_path: Path, monkeypatch, capsys, label_map: str
 ) -> None:
     """No Trainer starts this run: the config and the numbers come from tracking, the
     2-class ones too, and they alone when the labels are only the groups."""
@@ -290,10 +301,20 @@ def test_wandb_run_of_predict_alone_holds_config_and_metrics(
         f"predict.output_dir={tmp_path / 'out'}",
         f"paths.output_dir={tmp_path / 'hydra-run'}",
         f"predict.label_map={label_map}",
+        "predict.include_training=true",
     )
     metrics, run_dir = run_offline(cfg, tmp_path, monkeypatch)
     _, summary, config, _ = read_wandb_run(run_dir)
     assert summary["predict/n_images"] == 16 == metrics["predict/n_images"]
+    # The printed upload command finds this run from any directory, as printed.
+    (hint,) = [line for line in capsys.readouterr().out.splitlines() if "wandb sync" in line]
+    command = shlex.split(hint.split("to upload it: ")[1]) + ["--dry-run"]
+    assert command[:2] == ["wandb", "sync"] and Path(command[2]) == run_dir.resolve()
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    found = subprocess.run(
+        [str(wandb_cli), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert found.returncode == 0 and "No runs" not in found.stdout + found.stderr
     assert summary["predict/carcinoma_auc"] == pytest.approx(metrics["predict/carcinoma_auc"])
     assert summary["predict/carcinoma_n_images"] == 16
     if label_map == "null":
@@ -337,7 +358,9 @@ def test_predict_one_small_file_under_each_fit_rule(trained, tmp_path, capsys, f
         assert f"carcinoma {float(row['prob_carcinoma']):.3f}) from 2 patches" in printed
 
 
-def test_predict_on_an_external_set_of_other_sizes_and_label_names(trained, tmp_path, caplog):
+def test_predict_on_an_external_set_of_other_sizes_and_label_names(
+    trained, tmp_path, caplog, capsys
+):
     """An external set as another lab hands it over: the training images at half the pixel
     size (TIFF tags) in 2-class Benign/ and Malignant/ folders, crops smaller than a tile, a
     4-class folder at the models' pixel size and a folder nothing maps. Every file is
@@ -355,9 +378,18 @@ def test_predict_on_an_external_set_of_other_sizes_and_label_names(trained, tmp_
         f"predict.input={ext}",
         f"predict.output_dir={out}",
         "predict.label_map={Benign:non_carcinoma,Malignant:carcinoma}",
+        "predict.include_training=true",  # Normal/ holds copies of training images
     )
     metrics = run_stages(cfg)
     assert "'Unsorted' (1 file)" in caplog.text
+    # PNG copies and crops without tags, and Unsorted/x.png: said once, with their count.
+    assert caplog.text.count("carry no pixel size") == 1
+    assert "7 of 23 file(s) carry no pixel size" in caplog.text
+    assert "taken as data.mpp=0.42 µm/px" in caplog.text and "set predict.mpp=" in caplog.text
+    printed = capsys.readouterr().out
+    # Unsorted/ is not scored: the headline says so, and is no accuracy of the folder.
+    assert f"2-class image accuracy on 22 of the 23 images of {ext}: " in printed
+    assert "1 image(s) without a label for this view): not an accuracy of the folder" in printed
     assert metrics["predict/n_images"] == 16 + 2 + 4 + 1
     assert metrics["predict/carcinoma_n_images"] == 16 + 2 + 4  # all but Unsorted/
     saved = json.loads((out / "metrics.json").read_text())
@@ -377,3 +409,82 @@ def test_predict_on_an_external_set_of_other_sizes_and_label_names(trained, tmp_
             p, q = float(rescanned[f"prob_{c}"]), float(original[f"prob_{c}"])
             assert p == pytest.approx(q, abs=0.05)
     assert rows["crops/Malignant/is001"]["n_patches"] == "2"
+
+
+def test_predict_on_its_own_training_folder(trained, tmp_path, caplog, capsys) -> None:
+    """The demo's training folder given back to predict: its 8 training and 4 val images
+    are found by content hash, warned about and left out of the scores (4 test images are
+    scored), the generated training data are named; include_training scores all 16."""
+    data, out = trained[0], tmp_path / "out"
+    cfg = cfg_for(
+        trained, "stages=[predict]", f"predict.input={data}", f"predict.output_dir={out}"
+    )
+    metrics = run_stages(cfg)
+    assert metrics["predict/training_images"] == 12 and metrics["predict/n_images"] == 16
+    assert metrics["predict/carcinoma_n_images"] == 4
+    assert "12 input file(s) are images the model was trained or selected on (8 train, 4 val" in (
+        caplog.text
+    )
+    assert "left out of the scores; predict.include_training=true scores them" in caplog.text
+    assert "the model was trained on generated images" in caplog.text
+    printed = capsys.readouterr().out
+    assert f"4-class image accuracy on 4 of the 16 images of {data}: " in printed
+    assert "12 training image(s) left out): not an accuracy of the folder" in printed
+    assert f"report: {out / 'index.html'}" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_images"] == 4 and saved["n_images_by_view"] == {"4-class": 4, "2-class": 4}
+    inputs = saved["inputs"]
+    assert len(inputs["training_images"]) == 12 and inputs["generated"] is True
+    assert inputs["training_split"] == Lineage(cfg).outer_split.stem
+    assert inputs["feature_shift"]["n_images"] == 16
+    assert inputs["feature_shift"]["n_far"] <= 4  # the training images are their own nearest
+    page = (out / "index.html").read_text()
+    assert "generated images, not real tissue" in page and "left out of the scores" in page
+
+    scored = run_stages(
+        cfg_for(
+            trained,
+            "stages=[predict]",
+            f"predict.input={data}",
+            f"predict.output_dir={tmp_path / 'all'}",
+            "predict.include_training=true",
+        )
+    )
+    assert scored["predict/carcinoma_n_images"] == 16 and scored["predict/training_images"] == 12
+
+
+def test_inputs_unlike_the_training_images_are_flagged(trained, tmp_path, caplog, capsys) -> None:
+    """Pixel noise lies farther from every training image than they lie from each other."""
+    folder = tmp_path / "noise"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_image(folder / f"{i}.png", rng.integers(0, 256, (192, 256, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    cfg = cfg_for(
+        trained, "stages=[predict]", f"predict.input={folder}", f"predict.output_dir={out}"
+    )
+    metrics = run_stages(cfg)
+    assert metrics["predict/far_from_training"] > 0 and metrics["predict/training_images"] == 0
+    far = round(3 * metrics["predict/far_from_training"])
+    assert f"{far} of 3 input image(s) ({100 * far / 3:.0f} %) lie farther from every" in (
+        caplog.text
+    )
+    assert "far from the training images" in (out / "index.html").read_text()
+    assert f"far from the training images: {far} of 3 input images" in capsys.readouterr().out
+
+
+def test_a_missing_artifact_names_the_keys_there_and_the_settings_that_differ(trained) -> None:
+    """debug=default's batch limits key new models: the message says features exist under
+    another key and which settings made them."""
+    lineage = Lineage(cfg_for(trained))
+    with pytest.raises(FileNotFoundError) as caught:
+        run_stages(cfg_for(trained, "stages=[image]", "+trainer.limit_train_batches=2"))
+    message = str(caught.value)
+    assert "not found: run the features stage first" in message
+    assert (
+        f"holds features of other settings, which key another artifact: {lineage.features.stem}"
+        in message
+    )
+    assert "trainer.limit_train_batches=None (here 2)" in message
+    with pytest.raises(FileNotFoundError, match=f"image models? .*{lineage.image.name} made with"):
+        run_stages(cfg_for(trained, "stages=[evaluate]", "image.max_epochs=4"))

@@ -143,3 +143,32 @@ def test_a_label_map_keys_its_own_index(tmp_path: Path) -> None:
     mapped = compose_config(tmp_path, "data.label_map={DCIS:InSitu}")
     assert Lineage(plain).index != Lineage(mapped).index
     assert instantiate(mapped.data).index_path == Lineage(mapped).index
+
+
+def test_a_label_map_key_that_matches_no_label_is_an_error(tmp_path: Path) -> None:
+    """A typo in a key would leave a class unlabelled and score the other alone."""
+    files = _external(tmp_path / "ucsb", {"Benign": 2, "Malignant": 2})
+    typo = LabelMap({"Benign": "non_carcinoma", "Malignent": "carcinoma"}, "predict.label_map")
+    with pytest.raises(
+        ConfigError,
+        match=r"predict.label_map: key 'Malignent' matches no folder or CSV label; did you mean "
+        r"'Malignant'\? \(labels found: Benign, Malignant\)",
+    ):
+        labels_for(tmp_path / "ucsb", files, None, typo)
+    _external(tmp_path / "bach", {"Normal": 1, "Benign": 1, "DCIS": 1, "Invasive": 1})
+    with pytest.raises(ConfigError, match="key 'DCSI' matches no folder.*did you mean 'DCIS'"):
+        build_index(tmp_path / "bach", num_workers=1, label_map={"DCSI": "InSitu"})
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label\n0.png,Malignant\n")
+    with pytest.raises(ConfigError, match="key 'Malign' matches no folder.*'Malignant'"):
+        labels_for(tmp_path / "ucsb", files, str(csv), LabelMap({"Malign": "carcinoma"}))
+
+
+def test_n_images_counts_what_each_view_scored(tmp_path: Path) -> None:
+    """2-class labels only: no 4-class view (n_images None, not 0), 19 in the 2-class one."""
+    results, _ = synthetic_results(19)
+    for r in results:
+        r.label, r.label_group = None, r.group
+    saved = write_report(tmp_path, results).metrics
+    assert saved["n_images"] is None and saved["two_class"]["n_images"] == 19
+    assert saved["n_images_by_view"] == {"4-class": 0, "2-class": 19}

@@ -7,7 +7,10 @@ import numpy as np
 from PIL import Image
 
 from breastnet import CLASSES
-from breastnet.report.figures import plot_heatmap, plot_tsne
+from breastnet.data.store import Tiling
+from breastnet.data.tiling import tile_image, tile_origins
+from breastnet.report import write_report
+from breastnet.report.figures import _placed, plot_heatmap, plot_tsne
 
 from conftest import synthetic_results, write_image
 
@@ -24,7 +27,34 @@ def test_tsne_marks_misclassified_patches(tmp_path: Path) -> None:
     assert plot.path.is_file() and plot.n_misclassified == expected > 0
     for r in ok:
         r.label = None  # unlabelled images have no misclassified patches
-    assert plot_tsne(ok, CLASSES, 0.05, 0, tmp_path / "tsne.png").n_misclassified == 0
+    unlabelled = plot_tsne(ok, CLASSES, 0.05, 0, tmp_path / "tsne.png")
+    assert unlabelled.n_misclassified == 0
+    assert unlabelled.colour_key == "the predicted class of its image"
+    # The page's caption says what the title says.
+    page = write_report(tmp_path / "report", results).html.read_text()
+    assert "each coloured by the predicted class of its image" in page
+    assert "class of their image" not in page
+
+
+def test_overlapping_tiles_are_drawn_at_their_true_positions() -> None:
+    """fit=overlap on 150x100 px with 64 px tiles: 3x2 tiles that overlap; drawn at their
+    origins they give back the image, not a 192x128 grid with tissue repeated at seams."""
+    image = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    patches, positions = tile_image(image, 64, 64, 64, "overlap")
+    origins = tile_origins(100, 150, 64, 64, "overlap")
+    assert positions.max(axis=0).tolist() == [1, 2] and origins[-1].tolist() == [36, 86]
+    canvas, corners, side = _placed(patches, origins, 64, max_side=1000)
+    assert side == 64 and np.array_equal(canvas, image)
+    halved, _, side = _placed(patches[:, ::2, ::2].copy(), origins, 64, max_side=1000)
+    assert side == 32 and halved.shape == (50, 75, 3)  # 32 px patches of 64 px tiles
+
+
+def test_heatmap_with_a_tiling_draws_scale_bars(tmp_path: Path) -> None:
+    results, store = synthetic_results(1)
+    r = results[0]
+    tiling = Tiling(tile_size=64, stride=64, patch_size=32, mpp=0.5)
+    path = plot_heatmap(r, store[r.image_id], CLASSES, tmp_path / "h.png", tiling)
+    assert Image.open(path).size[0] > 0
 
 
 def _green_pixels(path: Path) -> int:

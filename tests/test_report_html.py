@@ -26,7 +26,8 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     loaded = re.search(r'<body[^>]*data-images-loaded="(\d+)"', dom)
     assert loaded is not None, "the page script did not run"
-    assert int(loaded.group(1)) == len(report.figures) == 8
+    assert int(loaded.group(1)) == len(report.figures) == 9  # no 4-class ROC: 3 images a class
+    assert {"confusion_2class", "roc_2class"} <= set(report.figures)
     assert f"{report.metrics['image_accuracy']:.3f}" in dom and "Misclassified images" in dom
 
 

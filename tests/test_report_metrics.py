@@ -14,14 +14,19 @@ from sklearn.metrics import (
 )
 
 from breastnet import CLASSES
+from breastnet.report import write_report
 from breastnet.report.metrics import (
+    MIN_INTERVAL_IMAGES,
+    MIN_ROC_IMAGES,
     accuracy,
     bootstrap_intervals,
     classification_metrics,
     roc_curves,
+    two_class_metrics,
+    two_class_roc,
 )
 
-from conftest import noisy_probs
+from conftest import noisy_probs, synthetic_results
 
 C = len(CLASSES)
 
@@ -136,12 +141,37 @@ def test_metrics_carry_bootstrap_intervals() -> None:
 
 
 def test_intervals_of_degenerate_samples() -> None:
-    labels = np.zeros(6, dtype=int)  # one class only: no AUC, so no AUC interval
+    labels = np.zeros(40, dtype=int)  # one class only: no AUC, so no AUC interval
     m = classification_metrics(labels, np.eye(C)[labels])
     assert m["image_accuracy_ci"] == [1.0, 1.0] and m["macro_auc_ci"] is None
-    labels = np.repeat(np.arange(C), 3)
+    labels = np.repeat(np.arange(C), 10)
     m = classification_metrics(labels, np.eye(C)[labels] * 0.9 + 0.1 / C)
     assert m["image_accuracy_ci"] == m["macro_auc_ci"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("n", [4, MIN_INTERVAL_IMAGES - 1])
+def test_too_few_images_get_no_interval(n: int, tmp_path) -> None:
+    """4 images all right: the bootstrap says 1.000-1.000; the report says too few images."""
+    labels = np.arange(n) % C
+    m = classification_metrics(labels, np.eye(C)[labels] * 0.9 + 0.1 / C)
+    assert m["image_accuracy"] == 1.0 and m["too_few_for_intervals"]
+    assert m["image_accuracy_ci"] is None and m["macro_auc_ci"] is None
+    two = two_class_metrics((labels >= 2).astype(int), np.eye(C)[labels])
+    assert two["accuracy_ci"] is None and two["auc_ci"] is None and two["too_few_for_intervals"]
+    enough = np.arange(MIN_INTERVAL_IMAGES) % C
+    assert classification_metrics(enough, np.eye(C)[enough])["image_accuracy_ci"] == [1.0, 1.0]
+    results, _ = synthetic_results(n, labelled=True)
+    page = write_report(tmp_path, results).html.read_text()
+    assert "too few images" in page and "1.000\u20131.000" not in page
+
+
+def test_roc_only_for_classes_with_enough_images_on_both_sides() -> None:
+    labels = np.array([0] * MIN_ROC_IMAGES + [1] * (MIN_ROC_IMAGES - 1) + [2] * 10)
+    probs = np.eye(C)[labels]
+    assert set(roc_curves(labels, probs)) == {0, 2}  # 1: too few positives; 3: none
+    groups = (labels >= 2).astype(int)
+    assert two_class_roc(groups, probs) is not None
+    assert two_class_roc(groups[MIN_ROC_IMAGES:], probs[MIN_ROC_IMAGES:]) is None  # 4 negatives
 
 
 def test_accuracy_counts_like_torchmetrics() -> None:

@@ -25,8 +25,9 @@ def test_report_metrics_equal_classification_metrics(report) -> None:
     groups = np.array([r.label in (2, 3) for r in ok], dtype=int)
     expected["two_class"] = two_class_metrics(groups, np.stack([r.probs for r in ok]))
     saved = json.loads((rep.out_dir / "metrics.json").read_text())
-    assert saved == rep.metrics == expected | {"n_errors": 1}
-    assert saved["n_images"] == 12 and saved["n_patches"] == 12 * 8
+    views = {"n_images_by_view": {"4-class": 40, "2-class": 40}}
+    assert saved == rep.metrics == expected | {"n_errors": 1} | views
+    assert saved["n_images"] == 40 and saved["n_patches"] == 40 * 8
     wrong = sorted((r for r in ok if r.predicted != r.label), key=lambda r: -r.probs.max())
     assert rep.misclassified == [r.image_id for r in wrong]
 
@@ -55,9 +56,8 @@ def test_figures_are_real_pngs(report) -> None:
     ok = [r for r in results if r.error is None]
     wrong = rep.misclassified
     heatmap_ids = (wrong + [r.image_id for r in ok if r.image_id not in wrong])[:3]
-    assert set(rep.figures) == {"confusion_matrix", "roc", "tsne", "patch_grid"} | {
-        f"heatmap/{i}" for i in heatmap_ids
-    }
+    overview = {"confusion_matrix", "roc", "tsne", "patch_grid", "confusion_2class", "roc_2class"}
+    assert set(rep.figures) == overview | {f"heatmap/{i}" for i in heatmap_ids}
     assert rep.figures["roc"] == rep.out_dir / "roc.png"
     assert rep.figures[f"heatmap/{heatmap_ids[0]}"].name.startswith("heatmap_")
     for path in rep.figures.values():

@@ -106,17 +106,22 @@ def tagged(tmp_path: Path) -> Path:
 def test_the_index_records_each_files_pixel_size(tagged: Path, tmp_path: Path) -> None:
     entries = build_index(tagged, min_size=64, mpp=0.42, num_workers=1)
     found = {e.image_id: e.mpp for e in entries}
-    assert found == pytest.approx(
-        {"Normal/n0": 0.21, "Benign/b0": 0.21, "InSitu/is0": 0.0, "Invasive/iv0": 0.0}, abs=1e-4
-    )
+    assert found["InSitu/is0"] is None and found["Invasive/iv0"] is None  # no tags: no size
+    assert (found["Normal/n0"], found["Benign/b0"]) == pytest.approx((0.21, 0.21), abs=1e-4)
     write_index(tmp_path / "index.csv", entries)
     assert read_index(tmp_path / "index.csv") == entries
+    rows = (tmp_path / "index.csv").read_text().splitlines()
+    assert not [r for r in rows if r.endswith(",0.0")]  # an empty field, never "mpp 0.0"
+    # An index that wrote 0.0 for "none" reads as None.
+    zero = tmp_path / "zero.csv"
+    zero.write_text("\n".join(r + "0.0" if r.endswith(",") else r for r in rows) + "\n")
+    assert [e.mpp for e in read_index(zero)] == [e.mpp for e in entries]
     # An index written before pixel sizes: read, and its reused files get their tags read.
     old = tmp_path / "old.csv"
     lines = (tmp_path / "index.csv").read_text().splitlines()
     old.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
     previous = read_index(old)
-    assert {e.mpp for e in previous} == {0.0}
+    assert {e.mpp for e in previous} == {None}
     again = build_index(tagged, min_size=64, mpp=0.42, num_workers=1, previous=previous)
     assert [e.mpp for e in again] == [e.mpp for e in entries]
 

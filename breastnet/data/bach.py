@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from breastnet import CLASSES
 from breastnet.artifacts import atomic_write, config_hash
-from breastnet.data.resolution import read_mpp, scale_factor, scaled_size
+from breastnet.data.resolution import assumed_pixel_size, read_mpp, scale_factor, scaled_size
 from breastnet.errors import UserError
-from breastnet.labels import LabelMap, canonical_label, csv_label, unlabelled_folder
+from breastnet.labels import LabelMap, canonical_label, csv_label, label_names, unlabelled_folder
+from breastnet.logs import progress
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class IndexEntry:
     mtime_ns: int = 0
     error: str = ""
     duplicate_of: str = ""
-    mpp: float = 0.0  # µm per pixel from the file's TIFF tags; 0: none (taken as data.mpp)
+    mpp: float | None = None  # µm per pixel from the file's TIFF tags; None: none (data.mpp)
 
     @property
     def usable(self) -> bool:
@@ -182,6 +182,7 @@ def build_index(
     csv_path = find_label_csv(data_dir, labels_csv)
     csv_labels = read_label_csv(csv_path) if csv_path else {}
     labels = LabelMap(label_map, "data.label_map", groups=False)
+    labels.check_keys(label_names(files, data_dir, csv_labels))
     unknown: Counter = Counter()
     entries = [_labelled_entry(f, data_dir, csv_labels, csv_path, labels, unknown) for f in files]
     if unknown:
@@ -200,8 +201,7 @@ def build_index(
             _update(entry, {k: getattr(hit, k) for k in _VALIDATED})
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         results = pool.map(_validate, (Path(e.path) for e in todo))
-        progress = tqdm(results, total=len(todo), desc="index", unit="img", disable=not todo)
-        for entry, found in zip(todo, progress, strict=True):
+        for entry, found in zip(todo, progress(results, len(todo), "index"), strict=True):
             found["error"] = entry.error or found["error"]  # a label error comes first
             _update(entry, found)
 
@@ -209,7 +209,7 @@ def build_index(
     for e in entries:
         if e.error:
             continue
-        e.mpp = read_mpp(e.path) or 0.0  # header only; an index from before mpp lacks it
+        e.mpp = read_mpp(e.path)  # header only; an index from before mpp lacks it
         width, height = _tiled_size(e, mpp)
         sides.append(min(width, height))
         if min(width, height) < min_size:
@@ -224,6 +224,9 @@ def build_index(
             too_small += 1
         elif e.mode != "RGB":
             log.warning("%s: %s image converted to RGB", e.path, e.mode)
+    untagged = sum(not e.error and e.mpp is None for e in entries)
+    if untagged and mpp and todo:  # said when files are first indexed, not at each reuse
+        log.warning("%s", assumed_pixel_size(untagged, len(entries), mpp, "data.mpp"))
     problems += [e.error for e in entries if e.error]
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:20])
@@ -384,9 +387,14 @@ def write_index(path: Path, entries: list[IndexEntry]) -> None:
     atomic_write(path, write)
 
 
+def _mpp(value: str) -> float | None:
+    return float(value) or None if value else None
+
+
 def read_index(path: Path) -> list[IndexEntry]:
     """Read ``index.csv`` written by :func:`write_index`."""
-    types = {"width": int, "height": int, "file_size": int, "mtime_ns": int, "mpp": float}
+    # An empty mpp is a file without a pixel size (0.0 in indexes written before that).
+    types = {"width": int, "height": int, "file_size": int, "mtime_ns": int, "mpp": _mpp}
     with open(path, newline="") as f:
         return [
             IndexEntry(**{k: types.get(k, str)(v) for k, v in row.items()})

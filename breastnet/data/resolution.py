@@ -45,6 +45,18 @@ def read_mpp(path: str | Path) -> float | None:
     return next((round(m, 6) for m in candidates if low <= m <= high), None)
 
 
+def assumed_pixel_size(untagged: int, total: int, mpp: float, setting: str) -> str:
+    """The warning for files without a pixel size, taken to be at ``data.mpp`` (said once,
+    with their count): a folder of mixed magnifications or another scanner's files would be
+    tiled at the wrong scale without a word otherwise. ``setting`` is what sets theirs."""
+    return (
+        f"{untagged} of {total} file(s) carry no pixel size (no TIFF resolution tags or Aperio "
+        f"MPP): taken as data.mpp={mpp:g} µm/px. If they were scanned at another "
+        f"magnification, set {setting}=<µm/px> (README: Pixel size; a folder of mixed "
+        "magnifications needs one run per magnification)"
+    )
+
+
 def scale_factor(mpp: float | None, target: float) -> float:
     """How much an image at ``mpp`` µm/px is enlarged (>1) or shrunk (<1) to be at ``target``:
     1 when its pixel size is unknown (None or 0) or within ``TOLERANCE`` of the target."""

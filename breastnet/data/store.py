@@ -17,7 +17,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from breastnet.artifacts import locked, save_npy, write_json
 from breastnet.data.bach import DataError, IndexEntry, read_rgb
@@ -25,6 +24,7 @@ from breastnet.data.resolution import BACH_MPP, rescale
 from breastnet.data.stain import MacenkoNormalizer, StainReference
 from breastnet.data.tiling import FITS, tile_image
 from breastnet.errors import ConfigError
+from breastnet.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,13 @@ class PatchCache:
 
     def missing(self, entries: Iterable[IndexEntry]) -> list[IndexEntry]:
         """Entries without a finished, current array: the same content hash and pixel size
-        (its tags'; 0 without tags, as in records made before pixel sizes were read)."""
+        (its tags'; none without tags: None, or 0 in records made before)."""
         records = self.records()
 
         def current(e: IndexEntry) -> bool:
             record = records.get(e.image_id, {})
-            made = (record.get("sha1"), record.get("mpp", 0.0))
-            return made == (e.sha1, e.mpp) and self.path(e.image_id).is_file()
+            made = (record.get("sha1"), record.get("mpp") or None)
+            return made == (e.sha1, e.mpp or None) and self.path(e.image_id).is_file()
 
         return [e for e in entries if not current(e)]
 
@@ -221,7 +221,7 @@ class PatchCache:
         """Prepare ``todo`` (each image journaled as soon as it is done); returns the failures
         (by image id) and how many images this process tiled."""
         failures, tiled = {}, 0
-        with tqdm(total=len(todo), desc="prepare", unit="img") as progress:
+        with Progress(len(todo), "prepare") as progress:
             for entry, outcome in self._outcomes(todo, tiling, stain, num_workers):
                 if isinstance(outcome, Exception):  # one bad image must not lose the others
                     failures[entry.image_id] = f"{entry.path}: {outcome}"

@@ -63,6 +63,15 @@ def grid_shape(
     )
 
 
+def tile_origins(height: int, width: int, tile_size: int, stride: int, fit: str) -> np.ndarray:
+    """The (y, x) top-left corner of each tile, row-major as ``tile_image`` cuts them, in the
+    pixels of the (padded) image: where a figure draws overlapping tiles. int [N, 2]."""
+    _check_fits(height, width, tile_size, fit)
+    ys = _axis(height, tile_size, stride, fit)[2]
+    xs = _axis(width, tile_size, stride, fit)[2]
+    return np.array([(y, x) for y in ys for x in xs], dtype=int).reshape(-1, 2)
+
+
 def tile_image(
     image: np.ndarray, tile_size: int, stride: int, patch_size: int, fit: str = "trim"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ shown come from ``breastnet.report.metrics``.
 import math
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,6 +21,8 @@ from sklearn.manifold import TSNE
 
 from breastnet.artifacts import atomic_write
 from breastnet.data.bach import DataError, read_rgb
+from breastnet.data.store import Tiling
+from breastnet.report.metrics import MIN_ROC_IMAGES
 from breastnet.report.result import ImageResult, label_name
 
 DPI = 120
@@ -82,17 +85,53 @@ def plot_roc(
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     macro = metrics["macro_auc"]
-    ax.set_title(f"ROC, one-vs-rest, {metrics['n_images']} images (macro AUC {macro:.2f})")
+    left = [n for c, n in enumerate(classes) if c not in curves]
+    note = f"\nnot drawn (< {MIN_ROC_IMAGES} images of it or of the others): " if left else ""
+    ax.set_title(
+        f"ROC, one-vs-rest, {metrics['n_images']} images (macro AUC {macro:.2f})"
+        + (note + ", ".join(left) if left else ""),
+        fontsize=10,
+    )
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_two_class_roc(curve: tuple[np.ndarray, np.ndarray], two_class: dict, path: Path) -> Path:
+    """The carcinoma vs non-carcinoma ROC curve (``metrics.two_class_roc``) with its AUC."""
+    fig = Figure(figsize=(5.6, 5.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    fpr, tpr = curve
+    ax.plot(fpr, tpr, color=_PALETTE[3], lw=2, label=f"carcinoma (AUC {two_class['auc']:.2f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (non-carcinoma called carcinoma)")
+    ax.set_ylabel("true positive rate (carcinoma found)")
+    n, positives = two_class["n_images"], two_class["n_carcinoma"]
+    ax.set_title(f"ROC, carcinoma vs non-carcinoma, {n} images ({positives} carcinoma)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 class TsnePlot(NamedTuple):
-    """The t-SNE figure and how many patches it marks as misclassified."""
+    """The t-SNE figure, how many patches it marks as misclassified, and what its colours
+    are (``tsne_colour_key``: the title and the page's caption say the same)."""
 
     path: Path
     n_misclassified: int
+    colour_key: str
+
+
+def tsne_colour_key(results: Sequence[ImageResult]) -> str:
+    """What a t-SNE point's colour is: its image's true class, the predicted one when no
+    image is labelled, or the true class where known and the predicted one elsewhere."""
+    used = [r for r in results if r.features is not None]
+    known = sum(r.label is not None for r in used)
+    keys = {len(used): "the true class of its image", 0: "the predicted class of its image"}
+    return keys.get(known, "the true class of its image, the predicted one where unknown")
 
 
 def plot_tsne(
@@ -142,12 +181,10 @@ def plot_tsne(
     ax.set_yticks([])
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    known = sum(r.label is not None for r in used)
-    keys = {len(used): "true class", 0: "predicted class"}
-    key = keys.get(known, "true class, predicted where unknown")
+    key = tsne_colour_key(used)
     ax.set_title(f"t-SNE of {len(x)} patch features\n(colour: {key})")
     ax.legend(title="class (patches)", markerscale=2, loc="best")
-    return TsnePlot(_save(fig, path), n_wrong)
+    return TsnePlot(_save(fig, path), n_wrong, key)
 
 
 def _montage(
@@ -189,11 +226,81 @@ class TileCache:
         return self.loaded[r.image_id]
 
 
-def _thumbnail(path: str | Path, size: int) -> np.ndarray:
-    """An image file read from disk, shrunk by striding to about ``size`` px (for display)."""
+def _thumbnail(path: str | Path, size: int) -> tuple[np.ndarray, int]:
+    """An image file read from disk, shrunk by striding to about ``size`` px (for display),
+    and the stride (file pixels per thumbnail pixel)."""
     image = read_rgb(path)[0]
     step = max(1, max(image.shape[:2]) // size)
-    return image[::step, ::step]
+    return image[::step, ::step], step
+
+
+def _placed(
+    tiles: np.ndarray, origins: np.ndarray, tile_size: int, max_side: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tiles drawn at their true pixel positions on white (overlapping ones over the
+    earlier ones, as the file has that tissue once), at most ``max_side`` px.
+
+    Args:
+        tiles: [N, S, S, 3] patches, each covering ``tile_size`` px of the tiled image.
+        origins: [N, 2] (y, x) top-left of each tile in the tiled image's pixels.
+
+    Returns:
+        The canvas, each tile's (y, x) on it and a tile's side on it, in canvas pixels.
+    """
+    scale = tiles.shape[1] / tile_size  # canvas pixels (before striding) per image pixel
+    extent = (origins.max(axis=0) + tile_size) * scale
+    step = max(1, math.ceil(float(extent.max()) / max_side))
+    tiles = tiles[:, ::step, ::step]
+    side = tiles.shape[1]
+    corners = np.round(origins * scale / step).astype(int)
+    height, width = (corners.max(axis=0) + side).tolist()
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    for tile, (y, x) in zip(tiles, corners, strict=True):
+        canvas[y : y + side, x : x + side] = tile
+    return canvas, corners, side
+
+
+def _painted(values: np.ndarray, corners: np.ndarray, side: int, shape: tuple) -> np.ndarray:
+    """Each tile's value over its area of a ``_placed`` canvas (NaN where no tile is)."""
+    painted = np.full(shape[:2], np.nan)
+    for value, (y, x) in zip(values, corners, strict=True):
+        painted[y : y + side, x : x + side] = value
+    return painted
+
+
+def _scale_bar(ax: Axes, um_per_px: float, width_px: int) -> None:
+    """A scale bar of a round length (about a quarter of the panel) in the lower left."""
+    target = width_px * um_per_px / 4
+    length = max(
+        (n for n in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000) if n <= target),
+        default=1,
+    )
+    bar = length / um_per_px
+    height = ax.get_ylim()[0]
+    y = height * 0.94
+    ax.plot(
+        [width_px * 0.04, width_px * 0.04 + bar],
+        [y, y],
+        color="black",
+        lw=4,
+        solid_capstyle="butt",
+    )
+    ax.plot(
+        [width_px * 0.04, width_px * 0.04 + bar],
+        [y, y],
+        color="white",
+        lw=1.5,
+        solid_capstyle="butt",
+    )
+    ax.text(
+        width_px * 0.04,
+        y - height * 0.03,
+        f"{length:g} µm",
+        color="black",
+        fontsize=8,
+        va="bottom",
+        bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},
+    )
 
 
 def _headline(r: ImageResult, classes: Sequence[str]) -> str:
@@ -233,18 +340,44 @@ def _grid_values(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return grid
 
 
-def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+def plot_heatmap(
+    r: ImageResult,
+    tiles: np.ndarray,
+    classes: Sequence[str],
+    path: Path,
+    tiling: Tiling | None = None,
+) -> Path:
     """The file as read from disk (when it still reads, so a stain-normalisation artefact
     can be told from tissue), its patches as tiled, one per-class patch-probability overlay
-    each, and attention, if any."""
+    each, and attention, if any.
+
+    With ``tiling``, tiles are drawn at their true positions (``r.origins``, else grid
+    position times stride), so overlapping tiles overlap as in the file, and the pictures
+    get scale bars; without it, edge to edge in grid order."""
     positions = np.asarray(r.positions, dtype=int)
-    image, _ = _montage(tiles, positions, max_side=480)
+    if tiling is None:
+        image, _ = _montage(tiles, positions, max_side=480)
+        values = partial(_grid_values, positions=positions)
+    else:
+        origins = positions * tiling.stride if r.origins is None else np.asarray(r.origins)
+        image, corners, side = _placed(tiles, origins, tiling.tile_size, max_side=480)
+        values = partial(_painted, corners=corners, side=side, shape=image.shape)
     # Overlays go on a grey copy: the colour scale then reads without the stain's pinks.
     grey = image @ np.array([0.299, 0.587, 0.114])
     extent = (0, image.shape[1], image.shape[0], 0)
-    pictures = [(image, "the patches, as tiled")]
+    bars: dict[int, float] = {}  # picture index -> µm per displayed pixel (scale bar)
+    if tiling is None:
+        pictures = [(image, "the patches, as tiled")]
+    else:
+        pictures = [(image, f"the patches at their positions\n(tiled at {tiling.mpp:g} µm/px)")]
+        bars[0] = tiling.tile_um / side
     with suppress(DataError):  # moved or deleted since: the rest of the figure still holds
-        pictures.insert(0, (_thumbnail(r.path, 480), "the file, as read"))
+        thumbnail, step = _thumbnail(r.path, 480)
+        read_at = f"\n({r.mpp:g} µm/px)" if r.mpp else ""
+        pictures.insert(0, (thumbnail, f"the file, as read{read_at}"))
+        bars = {i + 1: um for i, um in bars.items()}
+        if r.mpp:
+            bars[0] = r.mpp * step
     n_panels = len(pictures) + len(classes) + (r.attention is not None)
     ncols = min(n_panels, 3)
     nrows = math.ceil(n_panels / ncols)
@@ -254,14 +387,16 @@ def plot_heatmap(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], path
     axes = list(np.atleast_1d(fig.subplots(nrows, ncols)).ravel())
     for ax in axes:
         ax.set_axis_off()
-    for ax, (picture, title) in zip(axes, pictures, strict=False):
+    for i, (ax, (picture, title)) in enumerate(zip(axes, pictures, strict=False)):
         ax.imshow(picture)
-        ax.set_title(f"{title}\n ")
+        if i in bars:
+            _scale_bar(ax, bars[i], picture.shape[1])
+        ax.set_title(title if "\n" in title else f"{title}\n ")
 
-    def overlay(ax: Axes, values: np.ndarray, vmax: float, cmap: str):
+    def overlay(ax: Axes, shown_values: np.ndarray, vmax: float, cmap: str):
         ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
         return ax.imshow(
-            _grid_values(values, positions),
+            values(shown_values),
             extent=extent,
             cmap=cmap,
             vmin=0,
@@ -303,7 +438,7 @@ def plot_pairs(pairs: Sequence[dict], path: Path, size: int = 256) -> Path:
     for row, pair in enumerate(pairs):
         for col, (key, side) in enumerate((("image", pair["side"]), ("train", "train"))):
             ax = fig.add_subplot(len(pairs), 2, 2 * row + col + 1)
-            ax.imshow(_thumbnail(pair[f"{key}_path"], size))
+            ax.imshow(_thumbnail(pair[f"{key}_path"], size)[0])
             ax.set_xticks([])
             ax.set_yticks([])
             name = pair["image_id"] if key == "image" else pair["train_id"]

@@ -5,6 +5,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
+from breastnet.report.metrics import MIN_INTERVAL_IMAGES, MIN_ROC_IMAGES
 from breastnet.report.result import ImageResult, label_name
 
 _CSS = """
@@ -39,18 +40,28 @@ window.addEventListener("load", function () {
 
 _CAPTIONS = {
     "confusion_matrix": "Confusion matrix: rows true class, columns predicted class.",
-    "roc": "One-vs-rest ROC curve of each class present in the labels.",
-    "tsne": "t-SNE of patch features, coloured by the class of their image; crosses: patches "
-    "whose own most probable class is not their image's label.",
+    "roc": f"One-vs-rest ROC curve of each class with at least {MIN_ROC_IMAGES} images of it "
+    "and of the others.",
+    "confusion_2class": "2-class confusion matrix: rows true group, columns the group of the "
+    "predicted class.",
+    "roc_2class": "Carcinoma vs non-carcinoma ROC curve, ranked by the summed carcinoma "
+    f"probability (drawn with at least {MIN_ROC_IMAGES} images of each group).",
+    "tsne": "t-SNE of patch features, each coloured by {key}; crosses: patches whose own most "
+    "probable class is not their image's label.",
     "patch_grid": "The patches of one image at their grid positions, numbered row by row.",
 }
+_HALF = ("roc", "tsne", "confusion_2class", "roc_2class")
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _fmt_ci(interval: list[float] | None) -> str:
+def _fmt_ci(interval: list[float] | None, n_images: int | None = None) -> str:
+    """An interval, or why there is none: below ``MIN_INTERVAL_IMAGES`` a bootstrap of a
+    sample with no error would read 1.000–1.000."""
+    if n_images is not None and n_images < MIN_INTERVAL_IMAGES:
+        return "too few images"
     return "n/a" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
@@ -90,11 +101,11 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
         [
             [
                 _fmt(two["accuracy"]),
-                _fmt_ci(two["accuracy_ci"]),
+                _fmt_ci(two["accuracy_ci"], two["n_images"]),
                 _fmt(two["sensitivity"]),
                 _fmt(two["specificity"]),
                 _fmt(two["auc"]),
-                _fmt_ci(two["auc_ci"]),
+                _fmt_ci(two["auc_ci"], two["n_images"]),
                 f"{two['n_images']} ({two['n_carcinoma']} carcinoma)",
             ]
         ],
@@ -122,12 +133,12 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
         [
             [
                 _fmt(metrics["image_accuracy"]),
-                _fmt_ci(metrics["image_accuracy_ci"]),
+                _fmt_ci(metrics["image_accuracy_ci"], metrics["n_images"]),
                 _fmt(metrics["balanced_accuracy"]),
-                _fmt_ci(metrics["balanced_accuracy_ci"]),
+                _fmt_ci(metrics["balanced_accuracy_ci"], metrics["n_images"]),
                 _fmt(metrics["patch_accuracy"]),
                 _fmt(metrics["macro_auc"]),
-                _fmt_ci(metrics["macro_auc_ci"]),
+                _fmt_ci(metrics["macro_auc_ci"], metrics["n_images"]),
                 str(metrics["n_images"]),
                 "n/a" if metrics["n_patches"] is None else str(metrics["n_patches"]),
             ]
@@ -163,6 +174,54 @@ def _split_html(split: dict) -> str:
             f"images</span> (thumbnail cosine &ge; {split['threshold']:g})."
         )
     return text + "</p>"
+
+
+def _inputs_html(inputs: dict) -> str:
+    """What was scored against what the model was trained on: the pixel size, label map,
+    training data and split, training images among the inputs and how far the inputs lie
+    from the training images in feature space."""
+    rows = [
+        ["input", _esc(inputs.get("input", "n/a"))],
+        ["pixel size", _esc(f"{inputs['pixel_size']}; tiles: {inputs['tile']}")],
+    ]
+    if inputs.get("untagged_files"):
+        rows.append(
+            [
+                "files without a pixel size",
+                f'<span class="error">{inputs["untagged_files"]}'
+                f" taken as {inputs['mpp']:g} µm/px</span>",
+            ]
+        )
+    label_map = inputs.get("label_map")
+    rows.append(["label map", _esc(label_map) if label_map else "none (BACH names)"])
+    generated = ' <span class="error">(generated images, not real tissue)</span>'
+    rows.append(
+        ["trained on", _esc(inputs["training_data"]) + (generated if inputs["generated"] else "")]
+    )
+    rows.append(["training split", _esc(inputs["training_split"])])
+    seen = inputs.get("training_images") or {}
+    if seen:
+        fate = "scored" if inputs.get("training_images_scored") else "left out of the scores"
+        rows.append(
+            [
+                "training images among the inputs",
+                f'<span class="error">{len(seen)} ({_esc(fate)})</span>',
+            ]
+        )
+    shift = inputs.get("feature_shift")
+    if shift:
+        style = ' class="error"' if shift["n_far"] else ""
+        rows.append(
+            [
+                "far from the training images",
+                f"<span{style}>{shift['n_far']} of {shift['n_images']} "
+                f"({100 * shift['far_share']:.0f} %)</span>: nearest training image farther "
+                "than any training image's nearest other one (median distance "
+                f"{shift['median_distance']:.3g}; between training images "
+                f"{shift['median_training_distance']:.3g})",
+            ]
+        )
+    return "<h2>What was predicted</h2>" + _table(["what", "value"], rows)
 
 
 def _prediction_cells(r: ImageResult, classes: Sequence[str]) -> list[str]:
@@ -215,10 +274,14 @@ def render_html(
     classes: Sequence[str],
     split: dict | None = None,
     provenance: dict | None = None,
+    inputs: dict | None = None,
+    tsne_key: str | None = None,
 ) -> str:
     """The page: what was evaluated, metrics, figures, misclassified images (in the given
     order) with their heatmaps, the closest train/test pairs, predictions, failed files and
-    provenance; ``figures`` and ``heatmaps`` are PNG paths, inlined as data URLs."""
+    provenance; ``figures`` and ``heatmaps`` are PNG paths, inlined as data URLs.
+    ``inputs``: what predict scored against the training data (``write_report``);
+    ``tsne_key``: what the t-SNE's colours are, as its title says."""
     failed = [r for r in results if r.failed]
     parts = [
         f"<h1>{_esc(title)}</h1>",
@@ -228,14 +291,17 @@ def render_html(
     ]
     if split is not None:
         parts.append(_split_html(split))
+    if inputs is not None:
+        parts.append(_inputs_html(inputs))
     if metrics is not None:
         parts.append(_metrics_html(metrics, classes))
     else:
         parts.append("<h2>Predictions</h2><p>No labels: no metrics.</p>")
         parts.append(_predictions_html(results, classes))
 
+    key = tsne_key or "the class of its image"
     overview = [
-        _img(figures[k], _CAPTIONS[k], half=k in ("roc", "tsne"))
+        _img(figures[k], _CAPTIONS[k].format(key=key), half=k in _HALF)
         for k in _CAPTIONS
         if k in figures
     ]

@@ -23,6 +23,14 @@ from breastnet import CLASSES
 from breastnet.labels import CARCINOMA_INDICES
 
 BOOTSTRAP_RESAMPLES = 1000
+# Fewer images than this get no interval ("too few images"): the percentile bootstrap of an
+# accuracy near 0.9 covers the truth 63 % of the time at 10 images, 89 % at 20 and 94 % at
+# 30 (simulated, 400 samples of 1000 resamples); below that, a sample with no error gives
+# 1.000-1.000, which says nothing.
+MIN_INTERVAL_IMAGES = 30
+# A ROC curve (and a class's AUC on the page) needs this many images of the class and of the
+# others: with k positives the curve is k steps, and one image moves its AUC by 1/k.
+MIN_ROC_IMAGES = 5
 _BOOTSTRAP_CHUNK = 2**22  # resample x image weights held at once (32 MiB of float64)
 
 
@@ -70,16 +78,31 @@ def balanced_accuracy(confusion: np.ndarray) -> float | None:
     return _number(np.mean(np.diag(confusion)[present] / support[present]))
 
 
+def enough_for_roc(positive: np.ndarray) -> bool:
+    """Whether ``positive`` ([n] bool) holds ``MIN_ROC_IMAGES`` positives and negatives."""
+    return min(int(positive.sum()), int((~positive).sum())) >= MIN_ROC_IMAGES
+
+
 def roc_curves(labels: np.ndarray, probs: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """One-vs-rest ROC curve ``(fpr, tpr)`` of each class that has an AUC (images of it and
-    of other classes), by class index."""
+    """One-vs-rest ROC curve ``(fpr, tpr)`` of each class with enough images of it and of
+    the others (``MIN_ROC_IMAGES``), by class index."""
     labels = np.asarray(labels)
     curves = {}
     for c in range(probs.shape[1]):
-        if 0 < (labels == c).sum() < len(labels):
+        if enough_for_roc(labels == c):
             fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
             curves[c] = (fpr, tpr)
     return curves
+
+
+def two_class_roc(groups: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The carcinoma ROC curve ``(fpr, tpr)`` ranked by the summed carcinoma probability;
+    None without ``MIN_ROC_IMAGES`` images of each group."""
+    groups = np.asarray(groups) == 1
+    if not enough_for_roc(groups):
+        return None
+    fpr, tpr, _ = roc_curve(groups, np.asarray(probs)[:, CARCINOMA_INDICES].sum(1))
+    return fpr, tpr
 
 
 def _weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -128,9 +151,12 @@ def bootstrap_intervals(
     Returns:
         ``{"accuracy": [low, high], "balanced_accuracy": [low, high], "macro_auc": [low,
         high] or None without auc_classes}``; a resample's balanced accuracy averages the
-        recall of the classes it holds.
+        recall of the classes it holds. All None with fewer than ``MIN_INTERVAL_IMAGES``
+        images.
     """
     n = len(labels)
+    if n < MIN_INTERVAL_IMAGES:
+        return dict.fromkeys(("accuracy", "balanced_accuracy", "macro_auc"))
     correct = ((probs.argmax(1) if preds is None else preds) == labels).astype(float)
     members = [labels == c for c in np.unique(labels)]
     draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
@@ -185,7 +211,8 @@ def classification_metrics(
         ``balanced_accuracy`` (macro recall), ``patch_accuracy``, ``macro_auc``, ``n_images``,
         ``n_patches``, and 95 % percentile-bootstrap intervals over images
         (``bootstrap_intervals``), ``image_accuracy_ci``, ``balanced_accuracy_ci`` and
-        ``macro_auc_ci``: ``[low, high]``.
+        ``macro_auc_ci``: ``[low, high]``, None below ``MIN_INTERVAL_IMAGES`` images
+        (``too_few_for_intervals``).
         A class's one-vs-rest AUC is None when ``labels`` has no image of it (or nothing but
         it): the ROC is undefined there. ``macro_auc`` is the mean over the classes
         that have an AUC, so absent classes are left out rather than counted as 0 or 0.5.
@@ -241,6 +268,7 @@ def classification_metrics(
         "confusion_matrix": confusion.astype(int).tolist(),
         "n_images": n,
         "n_patches": n_patches,
+        "too_few_for_intervals": n < MIN_INTERVAL_IMAGES,
     }
 
 
@@ -285,6 +313,7 @@ def two_class_metrics(groups: np.ndarray, probs: np.ndarray, seed: int = 0) -> d
         "confusion_matrix": confusion.tolist(),
         "n_images": len(groups),
         "n_carcinoma": int(positives),
+        "too_few_for_intervals": len(groups) < MIN_INTERVAL_IMAGES,
     }
 
 

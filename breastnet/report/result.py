@@ -24,6 +24,9 @@ class ImageResult:
     error: str | None = None  # why this image has no prediction (unreadable, too small...)
     label_group: int | None = None  # the 2-class label (GROUPS index) when only that is known
     mpp: float | None = None  # microns per pixel the file was read at, when known (predict)
+    # [N, 2] (y, x) top-left pixel of each tile in the image as tiled (at the tiling's pixel
+    # size); None: the grid positions times the stride (trim and pad do not overlap more)
+    origins: np.ndarray | None = None
 
     @property
     def failed(self) -> bool:

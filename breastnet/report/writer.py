@@ -11,6 +11,8 @@ import numpy as np
 
 from breastnet import CLASSES
 from breastnet.artifacts import write_json, write_text
+from breastnet.data.store import Tiling
+from breastnet.labels import GROUPS
 from breastnet.report.figures import (
     TileCache,
     plot_confusion,
@@ -19,12 +21,19 @@ from breastnet.report.figures import (
     plot_patch_grid,
     plot_roc,
     plot_tsne,
+    plot_two_class_roc,
 )
 from breastnet.report.html import render_html
-from breastnet.report.metrics import classification_metrics, roc_curves, two_class_metrics
+from breastnet.report.metrics import (
+    classification_metrics,
+    roc_curves,
+    two_class_metrics,
+    two_class_roc,
+)
 from breastnet.report.result import ImageResult, class_name, label_name
 
-# metrics.json's 4-class keys when the labels are only the 2-class groups
+# metrics.json's 4-class keys when the labels are only the 2-class groups (no 4-class view:
+# n_images None, not 0; n_images_by_view counts what each view scored)
 _NO_FOUR_CLASS = dict.fromkeys(
     (
         "image_accuracy",
@@ -35,7 +44,7 @@ _NO_FOUR_CLASS = dict.fromkeys(
         "macro_auc",
         "macro_auc_ci",
     )
-) | {"per_class": None, "confusion_matrix": None, "n_images": 0, "n_patches": None}
+) | {"per_class": None, "confusion_matrix": None, "n_images": None, "n_patches": None}
 
 
 @dataclass
@@ -107,6 +116,8 @@ def write_report(
     seed: int = 0,
     split: dict | None = None,
     provenance: dict | None = None,
+    inputs: dict | None = None,
+    tiling: Tiling | None = None,
 ) -> Report:
     """Write metrics.json (when labelled), predictions.csv, PNG figures and index.html, and
     provenance.json when given.
@@ -127,6 +138,11 @@ def write_report(
             (with ``image_path``/``train_path``); kept in metrics.json and shown on the page.
         provenance: where the numbers came from (``breastnet.provenance``); kept in
             provenance.json and metrics.json and shown on the page.
+        inputs: what was scored against what the model was trained on (training data and
+            split, pixel size, label map, training images among the inputs, feature
+            shift: ``breastnet.stages.predict``); kept in metrics.json, shown on the page.
+        tiling: how the patches were cut: heatmaps then draw tiles at their true positions
+            (overlapping ones too, with ``ImageResult.origins``) and a scale bar.
     """
     out_dir = Path(out_dir)
     ok = [r for r in results if not r.failed]
@@ -142,10 +158,15 @@ def write_report(
             patch_labels, patch_preds = _patch_predictions(labelled, min_tissue)
             metrics = classification_metrics(labels, probs, patch_labels, patch_preds, classes)
             curves = roc_curves(labels, probs)
-        metrics["two_class"] = two_class_metrics(
-            np.array([r.group for r in grouped]), np.stack([r.probs for r in grouped])
+        groups, group_probs = (
+            np.array([r.group for r in grouped]),
+            np.stack([r.probs for r in grouped]),
         )
+        metrics["two_class"] = two_class_metrics(groups, group_probs)
+        metrics["n_images_by_view"] = {"4-class": len(labelled), "2-class": len(grouped)}
         metrics["n_errors"] = len(results) - len(ok)
+        if inputs is not None:
+            metrics["inputs"] = inputs
         if split is not None:
             metrics["split"] = {k: v for k, v in split.items() if k != "pairs"}
         if provenance is not None:
@@ -163,6 +184,13 @@ def write_report(
         )
         if curves:
             figures["roc"] = plot_roc(curves, metrics, classes, out_dir / "roc.png")
+    if grouped:
+        two = metrics["two_class"]
+        figures["confusion_2class"] = plot_confusion(
+            two["confusion_matrix"], GROUPS, out_dir / "confusion_2class.png"
+        )
+        if (curve := two_class_roc(groups, group_probs)) is not None:
+            figures["roc_2class"] = plot_two_class_roc(curve, two, out_dir / "roc_2class.png")
     if split is not None and split.get("pairs"):
         figures["audit_pairs"] = plot_pairs(split["pairs"], out_dir / "audit_pairs.png")
     tsne = plot_tsne(ok, classes, min_tissue, seed, out_dir / "tsne.png")
@@ -186,11 +214,21 @@ def write_report(
         taken: set[str] = set()
         for r in chosen[:n_examples]:
             path = out_dir / f"heatmap_{_safe_name(r.image_id, taken)}.png"
-            heatmaps[r.image_id] = plot_heatmap(r, tiles(r), classes, path)
+            heatmaps[r.image_id] = plot_heatmap(r, tiles(r), classes, path, tiling)
             figures[f"heatmap/{r.image_id}"] = heatmaps[r.image_id]
 
     page = render_html(
-        title, results, metrics, figures, heatmaps, misclassified, classes, split, provenance
+        title,
+        results,
+        metrics,
+        figures,
+        heatmaps,
+        misclassified,
+        classes,
+        split,
+        provenance,
+        inputs,
+        tsne.colour_key if tsne is not None else None,
     )
     html_path = out_dir / "index.html"
     write_text(html_path, page)

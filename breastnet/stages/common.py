@@ -12,10 +12,13 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from breastnet.artifacts import finish_stage, finished_metrics, locked, write_text
+from breastnet.data.store import Tiling
 from breastnet.distributed import locked_on_rank_zero
+from breastnet.lineage import Lineage
 from breastnet.provenance import config_yaml, provenance
 from breastnet.report import ImageResult, Report, write_report
 from breastnet.report.metrics import headline
+from breastnet.synthetic.dataset import is_generated
 from breastnet.tracking import log_report
 from breastnet.trainer import EpochSeed, ProgressLog, build_trainer
 
@@ -120,6 +123,19 @@ def summary_metrics(report: Report, prefix: str) -> dict[str, float | str]:
     return out
 
 
+def model_facts(cfg: DictConfig, lineage: Lineage) -> dict:
+    """What the model was trained on, for the page and metrics.json."""
+    data = cfg.data
+    return {
+        "training_data": str(Path(data.data_dir).expanduser().resolve()),
+        "training_split": lineage.outer_split.stem,
+        "generated": is_generated(data.data_dir),
+        "mpp": float(data.mpp),
+        "tile": f"{data.tile_size} px every {data.stride} px at {data.mpp:g} µm/px "
+        f"({data.tile_size * data.mpp:.0f} µm), resized to {data.patch_size} px",
+    }
+
+
 def publish_report(
     cfg: DictConfig,
     out_dir: Path,
@@ -131,11 +147,14 @@ def publish_report(
     parts: Path,
     split: dict | None = None,
     checkpoints: Sequence[Path] = (),
+    inputs: dict | None = None,
+    tiling: Tiling | None = None,
 ) -> tuple[Report, dict[str, float]]:
     """Write the report of evaluate or predict (``split``: what evaluate scored, see
     ``write_report``) with its provenance (``checkpoints``: those the stage loaded) and
     resolved ``config.yaml``, drop the per-image ``parts`` it was made from, log it (W&B);
-    returns it and its headline metrics under ``prefix``."""
+    returns it and its headline metrics under ``prefix``. ``inputs`` (what was scored against
+    what the model was trained on) and ``tiling`` go to ``write_report``."""
     with locked(out_dir):  # one writer of a report directory at a time
         write_text(out_dir / "config.yaml", config_yaml(cfg))
         facts = provenance(cfg, list(checkpoints)) | {"config": "config.yaml"}
@@ -149,6 +168,8 @@ def publish_report(
             seed=cfg.seed,
             split=split,
             provenance=facts,
+            inputs=inputs,
+            tiling=tiling,
         )
         shutil.rmtree(parts, ignore_errors=True)
     log_report(cfg, report, results, prefix)

@@ -26,10 +26,11 @@ from breastnet.inference import (
     load_image_model,
     used_checkpoints,
 )
-from breastnet.lineage import Lineage
+from breastnet.lineage import Lineage, container
+from breastnet.logs import say
 from breastnet.models.embedding import Embedder
 from breastnet.prediction import predict_images
-from breastnet.stages.common import publish_report
+from breastnet.stages.common import model_facts, publish_report
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ def _report(
         results.append(result)
     split = cfg.evaluate.split
     aggregator = cfg.image_model.aggregator._target_.rsplit(".", 1)[-1]
+    inputs = model_facts(cfg, Lineage(cfg)) | {
+        "input": f"the {split} split of the training data",
+        "pixel_size": "TIFF tags, else data.mpp",
+        "label_map": container(cfg.data.get("label_map")),
+    }
     report, metrics = publish_report(
         cfg,
         out,
@@ -111,8 +117,10 @@ def _report(
         out / ".parts",
         split_facts(cfg, datamodule, set(outputs)),
         checkpoints=checkpoints,
+        inputs=inputs,
+        tiling=datamodule.tiling,
     )
     if report.metrics is not None:
-        print(f"image accuracy on the {split} split: {report.metrics['image_accuracy']:.3f}")
-    print(f"report: {report.html} (metrics.json, predictions.csv and the PNGs beside it)")
+        say(f"image accuracy on the {split} split: {report.metrics['image_accuracy']:.3f}")
+    say(f"report: {report.html} (metrics.json, predictions.csv and the PNGs beside it)")
     return metrics

@@ -16,6 +16,7 @@ from breastnet.data.feature_store import FeatureStore
 from breastnet.errors import ConfigError
 from breastnet.inference import build_image_model, load_patch_model
 from breastnet.lineage import Lineage
+from breastnet.missing import other_keys
 from breastnet.stages.common import train_and_test, train_once
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train (or reuse) the image model; returns val/test image accuracy."""
     settings, lineage = cfg.image, Lineage(cfg)
     if not settings.end_to_end and not FeatureStore.is_complete(lineage.features):
-        raise FileNotFoundError(f"{lineage.features} not found: run the features stage first")
+        raise FileNotFoundError(
+            f"{lineage.features} not found: run the features stage first"
+            + other_keys(cfg, "features", lineage.features)
+        )
     if settings.end_to_end and lineage.oof_folds:
         raise ValueError(
             "image.train_features=oof needs the features stage's cached features: it does not "

@@ -1,6 +1,8 @@
 """Stage ``prepare``: index and validate the images, split them, normalise and tile once, and
 audit the split for near-duplicates across its sides (``breastnet.audit``)."""
 
+from pathlib import Path
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -8,6 +10,7 @@ from breastnet.artifacts import locked
 from breastnet.audit import audit_split
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.distributed import on_rank_zero
+from breastnet.logs import say
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -31,4 +34,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
         found = on_rank_zero(audit)
         if found is not None:
             summary["data/near_duplicates"] = float(found["flagged"])
+            on_rank_zero(lambda: say(audit_line(datamodule.split_path, found)))
     return summary
+
+
+def audit_line(split_path: Path, found: dict) -> str:
+    """Where the audit is and what it found: the closest val/test-train pair and its score
+    against the threshold, so a reader sees how near "0 near-duplicates" came."""
+    where = split_path.with_suffix(".audit.json")
+    if not found["matches"]:
+        return f"leakage audit: {where} (no val/test images)"
+    top = found["matches"][0]  # most similar first
+    return (
+        f"leakage audit: {where}: highest similarity {top['similarity']:.3f} ({top['side']} "
+        f"{top['image_id']} ~ train {top['train_id']}); {found['flagged']} near-duplicate(s) "
+        f"at >= {found['threshold']:g}"
+    )

@@ -39,11 +39,12 @@ def _save_atomic(image: np.ndarray, path: Path, fmt: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-README = """\
-Generated data: NOT real microscopy.
+GENERATED = "Generated data: NOT real microscopy."  # README.txt's first line: what marks them
+README = f"""\
+{GENERATED}
 
-Synthetic H&E-like images written by breastnet.synthetic (first run: seed {seed},
-{n} per class, {width}x{height}), in the BACH layout: one folder per class, the folder
+Synthetic H&E-like images written by breastnet.synthetic (first run: seed {{seed}},
+{{n}} per class, {{width}}x{{height}}), in the BACH layout: one folder per class, the folder
 name is the label. They exist so the demo and the tests run the same ingest code as real
 BACH data; any accuracy measured on them says nothing about real tissue.
 """
@@ -78,6 +79,16 @@ def _write(
         tmp.write_text(text)
         os.replace(tmp, readme)
     return counts
+
+
+def is_generated(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds images written by ``write_synthetic_dataset`` (its
+    README.txt says so): a model trained on them has never seen real tissue."""
+    readme = Path(data_dir).expanduser() / "README.txt"
+    try:
+        return readme.read_text().startswith(GENERATED)
+    except OSError:
+        return False
 
 
 def write_synthetic_dataset(
