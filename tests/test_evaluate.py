@@ -481,10 +481,9 @@ def test_a_missing_artifact_names_the_keys_there_and_the_settings_that_differ(tr
         run_stages(cfg_for(trained, "stages=[image]", "+trainer.limit_train_batches=2"))
     message = str(caught.value)
     assert "not found: run the features stage first" in message
-    assert (
-        f"holds features of other settings, which key another artifact: {lineage.features.stem}"
-        in message
-    )
+    # other tests of this module leave features of other settings too: ours is among them
+    assert "holds features of other settings, which key another artifact: " in message
+    assert f"{lineage.features.stem} made with" in message
     assert "trainer.limit_train_batches=None (here 2)" in message
     with pytest.raises(FileNotFoundError, match=f"image models? .*{lineage.image.name} made with"):
         run_stages(cfg_for(trained, "stages=[evaluate]", "image.max_epochs=4"))
