@@ -278,20 +278,9 @@ def _scale_bar(ax: Axes, um_per_px: float, width_px: int) -> None:
     bar = length / um_per_px
     height = ax.get_ylim()[0]
     y = height * 0.94
-    ax.plot(
-        [width_px * 0.04, width_px * 0.04 + bar],
-        [y, y],
-        color="black",
-        lw=4,
-        solid_capstyle="butt",
-    )
-    ax.plot(
-        [width_px * 0.04, width_px * 0.04 + bar],
-        [y, y],
-        color="white",
-        lw=1.5,
-        solid_capstyle="butt",
-    )
+    for color, lw in (("black", 4), ("white", 1.5)):  # a white bar outlined in black
+        x = [width_px * 0.04, width_px * 0.04 + bar]
+        ax.plot(x, [y, y], color=color, lw=lw, solid_capstyle="butt")
     ax.text(
         width_px * 0.04,
         y - height * 0.03,
