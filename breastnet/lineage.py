@@ -14,9 +14,10 @@ salted with ``FORMAT`` (bumped when what an artifact holds changes, so no old on
     cache    <- index key, stain, tiling (pixel size and fit rule when not the defaults)
     patch    <- cache, split (or inner split), augmentation, global batch, patch model
                 (its weights file by content hash), training settings, seed; a frozen
-                encoder: cache, split and network alone
+                encoder: cache and network alone (every split shares its features)
     features <- patch, TTA; out-of-fold: the number of inner patch models
-    image    <- features (end to end: patch), image model, image stage settings, seed
+    image    <- features (end to end: patch), image model, image stage settings, seed;
+                after a frozen encoder also the split
     report   <- image, evaluated split
     predict  <- image, predict.input (resolved), predict.fit, predict.mpp (its resume parts)
 
@@ -165,9 +166,10 @@ class Lineage:
         key (no checkpoint is written), of the cache, split and network alone."""
         cfg = self.cfg
         model = patch_model_settings(cfg.patch_model)
-        if self.frozen:  # what trains and how is moot: the network and its weights alone
+        if self.frozen:  # what trains and how is moot, and so is the split: every image is
+            # embedded alike, so the folds and seeds of a sweep share one set of features
             net = {k: v for k, v in model["net"].items() if k not in TRAINING_NET_KEYS}
-            settings = {"cache": self.cache.name, "split": self.split.stem, "encoder": net}
+            settings = {"cache": self.cache.name, "encoder": net}
             return self.work_dir / "patch" / artifact_key(settings)
         found = artifact_key(
             {
@@ -196,15 +198,16 @@ class Lineage:
         trainer = training_settings(cfg.trainer)
         trainer.pop("max_epochs", None)  # image.max_epochs replaces it
         stage = {k: v for k, v in container(cfg.image).items() if k not in OOF_KEYS}
-        found = artifact_key(
-            {
-                "upstream": upstream,
-                "image_model": container(cfg.image_model),
-                "image": stage,  # out-of-fold settings: in the features key already
-                "trainer": trainer,
-                "seed": cfg.seed,
-            }
-        )
+        settings = {
+            "upstream": upstream,
+            "image_model": container(cfg.image_model),
+            "image": stage,  # out-of-fold settings: in the features key already
+            "trainer": trainer,
+            "seed": cfg.seed,
+        }
+        if self.frozen:  # a trained patch model's key holds its split; a frozen one's does not
+            settings["split"] = self.split.stem
+        found = artifact_key(settings)
         return self.work_dir / "image" / found
 
     def report(self, split: str) -> Path:

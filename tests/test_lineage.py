@@ -96,6 +96,19 @@ def test_what_a_change_moves(indexed: tuple[Path, Path], override: str) -> None:
     assert moved == TABLE[override]
 
 
+def test_a_frozen_encoder_shares_its_features_across_splits(indexed: tuple[Path, Path]) -> None:
+    """A fixed encoder embeds every image alike: the folds of a sweep reuse one features
+    store, and each fold still trains and reports its own image model."""
+    frozen = ("data.folds=2", "patch_model.freeze=true")
+    folds = [keys(indexed, *frozen, f"data.fold={k}") for k in range(2)]
+    assert folds[0]["features"] == folds[1]["features"]
+    assert folds[0]["split"] != folds[1]["split"]
+    for name in ("image", "report", "predict"):
+        assert folds[0][name] != folds[1][name]
+    trained = [keys(indexed, "data.folds=2", f"data.fold={k}") for k in range(2)]
+    assert trained[0]["features"] != trained[1]["features"]
+
+
 def test_a_format_version_moves_every_key(
     indexed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,8 +6,9 @@ lists them in ``manifest.csv`` (as eva's embeddings writer does), so the image m
 its sequences and memory stays at a batch:
 
     features/<key>/manifest.csv          image_id, path, n_tiles, width, encoder (the
-                                         patch/<key> that embedded it), split, label: one
-                                         row per image; written last
+                                         patch/<key> that embedded it), split (its side in
+                                         the split that made the store: a frozen encoder's
+                                         store serves every split), label; written last
     features/<key>/meta.json             classes, test-time augmentation, training features
     features/<key>/metrics.json          patch accuracy per split
     features/<key>/images/<image_id>.pt  features [N, D], probs [N, C], positions [N, 2],

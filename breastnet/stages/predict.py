@@ -166,10 +166,12 @@ def feature_shift(cfg: DictConfig, lineage: Lineage, outputs: dict[str, dict]) -
     if cfg.image.end_to_end or not FeatureStore.is_complete(lineage.features):
         return None
     store = FeatureStore(lineage.features)
+    # this model's training images by its split (a frozen encoder's store serves every split)
+    trained = json.loads(lineage.split.read_text())["train"]
     train = [
         store.load(image_id)["features"]
-        for image_id, row in store.rows.items()
-        if row.split == "train" and row.encoder == lineage.patch.name
+        for image_id in trained
+        if image_id in store.rows and store.rows[image_id].encoder == lineage.patch.name
     ]
     inputs = [o["features"] for o in outputs.values() if not o.get("error") and len(o["features"])]
     if len(train) < 2 or not inputs:

@@ -1,0 +1,101 @@
+"""Each accuracy lever of the CPU recipe on both yardsticks, and the table of their scores.
+
+A lever is a set of overrides on ``experiment=bach_cpu`` (shortened: no test-time
+augmentation). Each one runs as two Hydra multiruns on bach-dev, then ``breastnet.summary``:
+
+- eva's patient-aware split, its bach-dev part (134 training images, val carved out of them by
+  the split seed; 66 test images), split and training seeds 2019, 2020, 2021;
+- 5-fold CV grouped by BACH's patients (``data.groups=bach``, the default), split seed 2019.
+
+    python experiments/bach_cpu/levers.py --work-dir /tmp/lv/work --out /tmp/lv/cv r1 r2
+    python experiments/bach_cpu/levers.py --out /tmp/lv/cv --table   # the markdown table
+
+The table gives, per lever and image model, balanced accuracy and accuracy: mean ± sample std
+with the values of each seed or fold. A lever that wins on one yardstick and loses on the
+other is not a win.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
+IMAGE_MODELS = "image_model=mean_features,vote"
+LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "r0": ("today's bach_cpu, 3 epochs", ("trainer.max_epochs=3",)),
+    "r1": ("frozen encoder, image model on its features", ("patch_model.freeze=true",)),
+    "r2": (
+        "linear probe then fine-tune (1 head-only epoch), blocks 14-18, weight decay 0.05",
+        (
+            "trainer.max_epochs=4",
+            "patch_model.freeze_backbone_epochs=1",
+            "patch_model.net.train_from=features.14",
+            "patch_model.optimizer.weight_decay=0.05",
+        ),
+    ),
+}
+YARDSTICKS = {
+    "eva": ("data.split=eva", "seed=2019,2020,2021"),
+    "bach": ("data.folds=5", "data.fold=range(5)"),
+}
+
+
+def run(name: str, work_dir: Path, out: Path) -> None:
+    """Both multiruns of lever ``name`` and their summaries, under ``out/<name>_<yardstick>``."""
+    for yardstick, protocol in YARDSTICKS.items():
+        sweep = out / f"{name}_{yardstick}"
+        overrides = [*BASE, f"paths.work_dir={work_dir}", *LEVERS[name][1], *protocol]
+        command = [sys.executable, "-m", "breastnet", "-m", *overrides, IMAGE_MODELS]
+        subprocess.run([*command, f"hydra.sweep.dir={sweep}"], check=True)
+        summary = [sys.executable, "-m", "breastnet.summary", str(sweep)]
+        subprocess.run([*summary, "--group-by", "image_model"], check=True)
+
+
+def cell(metric: dict) -> str:
+    values = ", ".join(f"{v:.3f}" for v in metric["values"])
+    return f"{metric['mean']:.3f} ± {metric['stdev']:.3f} ({values})"
+
+
+def table(out: Path) -> str:
+    """The markdown table of every lever with results under ``out``."""
+    rows = [
+        "| lever | image model | eva bach-dev part: balanced | accuracy "
+        "| 5-fold CV by patient: balanced | accuracy |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, (what, _) in LEVERS.items():
+        found = {y: out / f"{name}_{y}" / "results.json" for y in YARDSTICKS}
+        if not all(path.is_file() for path in found.values()):
+            continue
+        results = {y: json.loads(path.read_text()) for y, path in found.items()}
+        for group in results["eva"]:
+            scores = [results[y].get(group, {}) for y in YARDSTICKS]
+            cells = [
+                cell(s[k]) if k in s else "-"
+                for s in scores
+                for k in ("eval/balanced_accuracy", "eval/image_accuracy")
+            ]
+            model = group.removeprefix("image_model=")
+            rows.append(f"| {name}: {what} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("levers", nargs="*", help=f"levers to run, of {', '.join(LEVERS)}")
+    parser.add_argument("--work-dir", type=Path, default=Path("work"))
+    parser.add_argument("--out", type=Path, default=Path("levers"), help="the multirun dirs")
+    parser.add_argument("--table", action="store_true", help="print the table and stop")
+    args = parser.parse_args()
+    if unknown := set(args.levers) - set(LEVERS):
+        parser.error(f"unknown lever(s) {sorted(unknown)}: choose from {', '.join(LEVERS)}")
+    if not args.table:
+        for name in args.levers:
+            run(name, args.work_dir.resolve(), args.out.resolve())
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
