@@ -19,7 +19,8 @@ salted with ``FORMAT`` (bumped when what an artifact holds changes, so no old on
     image    <- features (end to end: patch), image model, image stage settings, seed;
                 after a frozen encoder also the split
     report   <- image, evaluated split
-    predict  <- image, predict.input (resolved), predict.fit, predict.mpp (its resume parts)
+    predict  <- image, predict.input (resolved), predict.fit, predict.mpp (its resume parts);
+                an ensemble's: every member's predict key
 
 docs/architecture.md, "Artifact keys", has the table of what moves which key.
 
@@ -27,6 +28,7 @@ Placement (devices, strategy, nodes) never enters a key: one and eight GPUs with
 global ``data.batch_size`` train the same model and share its artifacts.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -235,3 +237,10 @@ class Lineage:
             "report": self.report(self.cfg.evaluate.split).name,
             "predict": self.predict_parts().name,
         }
+
+
+def ensemble_parts(members: Sequence[Lineage]) -> Path:
+    """Where an ensemble's predict keeps its resume parts: keyed by every member's predict key
+    (its image model and predict's input settings), never one model's parts folder."""
+    key = artifact_key({"members": [m.predict_parts().name for m in members]})
+    return members[0].predict_parts().with_name(f"ensemble-{key}")

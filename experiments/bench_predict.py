@@ -28,10 +28,11 @@ from breastnet.data.bach import read_rgb
 from breastnet.data.datasets import pad_collate, to_tensor
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile
-from breastnet.inference import ImageFiles
+from breastnet.inference.embedder import Embedder
+from breastnet.inference.files import ImageFiles
 from breastnet.models.aggregators import MeanProbs
 from breastnet.models.backbone import build_backbone
-from breastnet.models.embedding import Embedder, embed_patches
+from breastnet.models.embedding import embed_patches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution
 
 from breastnet.data.datamodule import BreastDataModule
-from breastnet.inference import build_image_model
+from breastnet.inference.models import build_image_model
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
 

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from breastnet.cli import run_stages
 from breastnet.data.feature_store import FeatureStore
 from breastnet.errors import ConfigError, is_user_error, unwrap
+from breastnet.inference.runner import PartWriter
 from breastnet.lineage import Lineage
 from breastnet.models.timm_backbone import TimmBackbone, build_timm_backbone
-from breastnet.prediction import PartWriter
 from breastnet.synthetic import write_synthetic_dataset
 
 from conftest import CONF, SHARED_MOBILENET, compose_config
@@ -380,7 +380,7 @@ def test_an_interrupted_features_stage_resumes_with_the_images_left(
         f"patch_model.net.weights={tiny_file}",
         "stages=[prepare,patch,features]",
     )
-    monkeypatch.setattr("breastnet.prediction.PartWriter", _StopAfterFirstBatch)
+    monkeypatch.setattr("breastnet.inference.runner.PartWriter", _StopAfterFirstBatch)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl-C
         run_stages(cfg)
     out = Lineage(cfg).features

@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from breastnet.data.datasets import pad_collate
-from breastnet.models.embedding import Embedder, embed_patches
+from breastnet.inference.embedder import Embedder
+from breastnet.models.embedding import embed_patches
 
 from conftest import CPU_TRAINER, make_patch_model, patch_samples
 

@@ -11,11 +11,11 @@ from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from breastnet.data.bach import DataError, build_index
 from breastnet.errors import ConfigError
+from breastnet.inference.files import labels_for
 from breastnet.labels import LabelMap
 from breastnet.lineage import Lineage
 from breastnet.report import write_report
 from breastnet.report.metrics import two_class_metrics
-from breastnet.stages.predict import labels_for
 
 from conftest import compose_config, noisy_probs, synthetic_results, tissue_like, write_image
 

@@ -14,7 +14,7 @@ from breastnet.cli import run_stages
 from breastnet.data.bach import DataError, IndexEntry
 from breastnet.data.feature_store import FeatureStore
 from breastnet.data.splits import inner_folds, inner_split
-from breastnet.inference import load_patch_model
+from breastnet.inference.models import load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import embed_patches
 

@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import breastnet
-from breastnet.inference import used_checkpoints
+from breastnet.inference.models import used_checkpoints
 from breastnet.provenance import config_yaml, git_state, resolved
 from breastnet.stages.common import publish_report
 

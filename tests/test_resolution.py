@@ -13,7 +13,7 @@ from breastnet.data.bach import DataError, build_index, read_index, write_index
 from breastnet.data.keys import cache_dir, dataset_key
 from breastnet.data.resolution import read_mpp, rescale
 from breastnet.data.store import PatchCache, StainSettings, Tiling, normalise_and_tile
-from breastnet.inference import ImageFiles
+from breastnet.inference.files import ImageFiles
 
 from conftest import compose_config, tissue_like, write_image
 

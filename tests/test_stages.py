@@ -10,7 +10,7 @@ from omegaconf import open_dict
 
 from breastnet.cli import run_stages
 from breastnet.data.feature_store import FeatureStore
-from breastnet.inference import load_image_model, load_patch_model
+from breastnet.inference.models import load_image_model, load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import embed_patches
 from breastnet.stages import common

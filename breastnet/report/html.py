@@ -254,6 +254,8 @@ def _provenance_html(provenance: dict) -> str:
         ["command", f"<code>{_esc(' '.join(provenance['command']))}</code>"],
         ["config", f'<a href="{_esc(config)}">{_esc(config)}</a>' if config else "n/a"],
     ]
+    if ensemble := provenance.get("ensemble"):
+        rows.append(["ensemble", _esc(f"{ensemble}: the mean of {provenance['members']} models")])
     rows += [
         ["checkpoint", f"{_esc(c['path'])} (sha256 {_esc(c['sha256'])}, {_esc(c['modified'])})"]
         for c in provenance["checkpoints"]

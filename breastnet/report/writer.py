@@ -140,7 +140,7 @@ def write_report(
             provenance.json and metrics.json and shown on the page.
         inputs: what was scored against what the model was trained on (training data and
             split, pixel size, label map, training images among the inputs, feature
-            shift: ``breastnet.stages.predict``); kept in metrics.json, shown on the page.
+            shift: ``breastnet.inference.checks``); kept in metrics.json, shown on the page.
         tiling: how the patches were cut: heatmaps then draw tiles at their true positions
             (overlapping ones too, with ``ImageResult.origins``) and a scale bar.
     """

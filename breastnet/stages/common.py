@@ -149,15 +149,17 @@ def publish_report(
     checkpoints: Sequence[Path] = (),
     inputs: dict | None = None,
     tiling: Tiling | None = None,
+    predictor: dict | None = None,
 ) -> tuple[Report, dict[str, float]]:
     """Write the report of evaluate or predict (``split``: what evaluate scored, see
     ``write_report``) with its provenance (``checkpoints``: those the stage loaded) and
     resolved ``config.yaml``, drop the per-image ``parts`` it was made from, log it (W&B);
     returns it and its headline metrics under ``prefix``. ``inputs`` (what was scored against
-    what the model was trained on) and ``tiling`` go to ``write_report``."""
+    what the model was trained on) and ``tiling`` go to ``write_report``; ``predictor`` (an
+    ensemble's kind and size) to the provenance."""
     with locked(out_dir):  # one writer of a report directory at a time
         write_text(out_dir / "config.yaml", config_yaml(cfg))
-        facts = provenance(cfg, list(checkpoints)) | {"config": "config.yaml"}
+        facts = provenance(cfg, list(checkpoints)) | (predictor or {}) | {"config": "config.yaml"}
         report = write_report(
             out_dir,
             results,

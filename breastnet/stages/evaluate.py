@@ -20,16 +20,12 @@ from breastnet.data.feature_store import FeatureStore
 from breastnet.data.splits import SIDES, split_summary
 from breastnet.distributed import on_rank_zero
 from breastnet.errors import ConfigError
-from breastnet.inference import (
-    image_embedder,
-    image_result,
-    load_image_model,
-    used_checkpoints,
-)
+from breastnet.inference.embedder import Embedder
+from breastnet.inference.models import image_embedder, load_image_model, used_checkpoints
+from breastnet.inference.results import image_result
+from breastnet.inference.runner import predict_images
 from breastnet.lineage import Lineage, container
 from breastnet.logs import say
-from breastnet.models.embedding import Embedder
-from breastnet.prediction import predict_images
 from breastnet.stages.common import model_facts, publish_report
 
 log = logging.getLogger(__name__)

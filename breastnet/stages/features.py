@@ -29,11 +29,11 @@ from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.feature_store import FeatureStore, Row
 from breastnet.data.splits import SIDES
 from breastnet.distributed import locked_on_rank_zero, on_rank_zero
-from breastnet.inference import load_patch_model
+from breastnet.inference.embedder import Embedder
+from breastnet.inference.models import load_patch_model
+from breastnet.inference.runner import read_part, run_parts
 from breastnet.lineage import Lineage
 from breastnet.models.backbone import PatchNet
-from breastnet.models.embedding import Embedder
-from breastnet.prediction import read_part, run_parts
 from breastnet.report.metrics import accuracy
 
 log = logging.getLogger(__name__)

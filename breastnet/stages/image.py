@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from breastnet.data.feature_store import FeatureStore
 from breastnet.errors import ConfigError
-from breastnet.inference import build_image_model, load_patch_model
+from breastnet.inference.models import build_image_model, load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.missing import other_keys
 from breastnet.stages.common import train_and_test, train_once

@@ -1,35 +1,30 @@
-"""The trained models of one config, and new image files made ready for them.
+"""The trained models of one config: checkpoints, patch and image models, their embedder.
 
 Everything comes from ``work_dir`` as the earlier stages left it (``breastnet.lineage`` says
-where): the patch CNN, the image model and, for new files, the Macenko reference and tiling
-of prepare. A new image goes through exactly the steps a training image went through, in
-DataLoader workers, and ``breastnet.prediction`` runs the models on every rank.
+where); predict asks for the whole trained pipeline and quotes the command that trains it.
 """
 
+import shlex
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
 
 from breastnet.artifacts import container, finished_metrics
-from breastnet.data.bach import DataError, read_rgb
-from breastnet.data.datasets import to_tensor
 from breastnet.data.feature_store import FeatureStore
-from breastnet.data.stain import MacenkoNormalizer
-from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
+from breastnet.errors import ConfigError
+from breastnet.inference.embedder import Embedder
 from breastnet.lineage import Lineage
 from breastnet.missing import other_keys
 from breastnet.models.backbone import PatchNet
-from breastnet.models.embedding import Embedder
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.patch_classifier import PatchClassifier
-from breastnet.report import ImageResult
+
+# Overrides that say what to predict, not which model: left out of the training command.
+_PREDICT_ONLY = ("stages", "predict.", "paths.output_dir", "hydra.")
 
 
 def _best_checkpoint(cfg: DictConfig, out_dir: Path, stage: str) -> Path:
@@ -102,79 +97,39 @@ def image_embedder(cfg: DictConfig, lineage: Lineage, image_model: ImageClassifi
     return Embedder(net, image_model.aggregator, chunk, tta=cfg.features.tta)
 
 
-class ImageFiles(Dataset):
-    """Image files rescaled, stain-normalised and tiled (in DataLoader workers), for predict.
+def training_command(folds: Sequence[int] = ()) -> str:
+    """The command that trains the pipeline predict needs: this run's settings without the
+    predict ones (``...`` where Hydra did not compose this run); with ``folds``, the
+    multirun that trains those folds of its cross-validation."""
+    if HydraConfig.initialized():
+        task = HydraConfig.get().overrides.task
+        skip = (*_PREDICT_ONLY, "data.fold=") if folds else _PREDICT_ONLY
+        kept = [shlex.quote(o) for o in task if not o.lstrip("+~").startswith(skip)]
+    else:
+        kept = ["<the same experiment= and settings>"]
+    if not folds:
+        return " ".join(["python -m breastnet", *kept])
+    return " ".join(["python -m breastnet -m", *kept, f"data.fold={','.join(map(str, folds))}"])
 
-    ``mpps`` is each file's pixel size (None: already at ``tiling.mpp``). A file that cannot
-    be used yields no patches and its ``error``; the others go on.
+
+def is_trained(lineage: Lineage) -> bool:
+    """Whether the whole pipeline of this lineage has been trained (its image model)."""
+    return lineage.index.is_file() and finished_metrics(lineage.image) is not None
+
+
+def require_trained(cfg: DictConfig, lineage: Lineage) -> None:
+    """Predict needs the whole trained pipeline of these settings, not only prepare's output.
+
+    Raises:
+        ConfigError: quoting the command that trains it, with this run's ``experiment=``
+            and settings, and the image models of other settings in ``work_dir``.
     """
-
-    def __init__(
-        self,
-        files: list[Path],
-        root: Path,
-        tiling: Tiling,
-        stain: StainSettings,
-        mpps: Sequence[float | None] | None = None,
-    ) -> None:
-        self.files, self.tiling, self.stain = files, tiling, stain
-        self.mpps = list(mpps) if mpps is not None else [None] * len(files)
-        self.image_ids = [f.relative_to(root).with_suffix("").as_posix() for f in files]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @cached_property
-    def normalizer(self) -> MacenkoNormalizer | None:
-        """Prepare's Macenko reference as a normaliser, made once per process."""
-        return self.stain.normalizer()
-
-    def pixel_size(self, i: int) -> float:
-        """The pixel size file ``i`` is taken to have (``tiling.mpp`` when unknown)."""
-        return float(self.mpps[i] or self.tiling.mpp)
-
-    def tile(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of file ``i``."""
-        image = read_rgb(self.files[i])[0]
-        return normalise_and_tile(image, self.tiling, self.normalizer, self.mpps[i])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample: dict[str, Any] = {
-            "image_id": self.image_ids[i],
-            "y": -1,
-            "mpp": self.pixel_size(i),
-        }
-        try:
-            patches, positions = self.tile(i)
-        except (DataError, ValueError) as e:
-            path = self.files[i]
-            sample["error"] = str(e) if str(path) in str(e) else f"{path}: {e}"
-            size = self.tiling.patch_size
-            patches, positions = np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), int)
-        sample["x"] = to_tensor(patches)
-        sample["pos"] = torch.as_tensor(positions)
-        sample["tissue"] = torch.as_tensor(tissue_fraction(patches) if len(patches) else [])
-        return sample
-
-
-def image_result(
-    output: dict[str, Any], path: str, label: int | None, positions=None, tissue=None
-) -> ImageResult:
-    """The report's view of one image's ``Embedder`` output (positions and tissue from the
-    output unless given, as prepare's records give them)."""
-    if output.get("error"):
-        return ImageResult(
-            output["image_id"], path, label, None, None, None, None, error=output["error"]
-        )
-    attention = output.get("attention")
-    return ImageResult(
-        image_id=output["image_id"],
-        path=path,
-        label=label,
-        probs=output["image_probs"].numpy(),
-        patch_probs=output["probs"].numpy(),
-        positions=np.asarray(output["pos"] if positions is None else positions),
-        tissue=np.asarray(output["tissue"] if tissue is None else tissue),
-        features=output["features"].numpy(),
-        attention=None if attention is None else attention.numpy(),
+    if is_trained(lineage):
+        return
+    others = other_keys(cfg, "image", lineage.image) if lineage.index.is_file() else ""
+    raise ConfigError(
+        f"predict needs the pipeline trained with these settings, and {lineage.work_dir} has "
+        "no trained image model for them. Train it first with the same experiment and "
+        f"settings (all stages: prepare, patch, features, image, evaluate):\n  "
+        f"{training_command()}\nthen run predict with those settings again{others}."
     )

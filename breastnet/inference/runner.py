@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning import LightningModule
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from breastnet.artifacts import atomic_write
 from breastnet.data.datasets import pad_collate
 from breastnet.distributed import barrier, rank
-from breastnet.models.embedding import Embedder
 from breastnet.trainer import ProgressLog, build_trainer
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,15 @@ class PartWriter(BasePredictionWriter):
 
 def run_parts(
     cfg: DictConfig,
-    embedder: Embedder,
+    embedder: LightningModule,
     dataset: Dataset,
     image_ids: list[str],
     parts_dir: Path,
     name: str,
 ) -> None:
-    """Run ``embedder`` over the images without a saved part (``image_ids[i]`` is sample
-    ``i`` of ``dataset``) on every rank, each rank saving its images' parts; returns when
-    every rank is done."""
+    """Run ``embedder`` (an ``Embedder`` or ``StackedEmbedder``) over the images without a
+    saved part (``image_ids[i]`` is sample ``i`` of ``dataset``) on every rank, each rank
+    saving its images' parts; returns when every rank is done."""
     todo = [
         i for i, image_id in enumerate(image_ids) if not part_path(parts_dir, image_id).exists()
     ]
@@ -87,7 +87,7 @@ def read_part(parts_dir: Path, image_id: str, name: str) -> dict[str, Any]:
 
 def predict_images(
     cfg: DictConfig,
-    embedder: Embedder,
+    embedder: LightningModule,
     dataset: Dataset,
     image_ids: list[str],
     parts_dir: Path,
