@@ -288,7 +288,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     untagged = sum(m is None for m in mpps)
     if untagged and rank() == 0:
         log.warning("%s", assumed_pixel_size(untagged, len(files), tiling.mpp, "predict.mpp"))
-    dataset = ImageFiles(files, root, tiling, datamodule.stain, mpps)
+    dataset = ImageFiles(files, root, tiling, datamodule.prepared.stain, mpps)
     out_dir = Path(cfg.predict.output_dir)
     # An interrupted run resumes with the parts made under the same models, input and tiling
     parts = lineage.predict_parts()
