@@ -47,6 +47,7 @@ from torch.utils.data import default_collate
 
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.datasets import PatchDataset, to_tensor
+from breastnet.data.prepare import build
 from breastnet.data.transforms import HEJitter
 from breastnet.models.backbone import build_backbone
 from breastnet.models.patch_classifier import PatchClassifier
@@ -165,7 +166,7 @@ def build_datamodule(data: Path, work_dir: Path, tile_size: int, size: int) -> B
         prepare_workers=2,
         batch_size=64,
     )
-    dm.build()  # reuses a built cache
+    build(dm.hparams)  # reuses a built cache
     dm.setup()
     return dm
 
@@ -274,7 +275,7 @@ def main() -> None:
     dataset = dm.datasets["train"]
     print(
         f"data module ready in {time.perf_counter() - start:.1f} s "
-        f"(cache {dm.cache.root}); train: {len(dataset)} patches"
+        f"(cache {dm.prepared.cache.root}); train: {len(dataset)} patches"
     )
     for name, value in part_rates(dataset, args.part_samples).items():
         print(f"{name:56s} {value:8.0f} /s")

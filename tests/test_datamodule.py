@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from breastnet.data import store
+from breastnet.data import keys, store
 from breastnet.data.bach import read_index
 from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.prepare import build
 from breastnet.data.sampling import EpochShuffle
 from breastnet.synthetic import write_synthetic_dataset
 
@@ -50,19 +51,20 @@ def make_dm(synthetic_dir: Path, tmp_path: Path) -> Callable[..., BreastDataModu
 
 def test_prepare_writes_index_split_reference_and_cache(make_dm) -> None:
     dm = make_dm()
-    dm.build()
+    build(dm.hparams)
     dm.setup()
-    work = dm.work_dir
-    assert len(read_index(dm.index_path)) == 20 and dm.index_path.parent.name == "index"
-    assert [len(dm.split[s]) for s in ("train", "val", "test")] == [12, 4, 4]
-    assert len(list((work / "stain").glob("*.json"))) == 1
-    assert len(dm.records) == 20
-    patches = dm.cache.load("Invasive/iv000")
+    found = dm.prepared
+    index = keys.index_path(found.work_dir, dm.hparams)
+    assert len(read_index(index)) == 20 and index.parent.name == "index"
+    assert [len(found.split[s]) for s in ("train", "val", "test")] == [12, 4, 4]
+    assert len(list((found.work_dir / "stain").glob("*.json"))) == 1
+    assert len(found.records) == 20
+    patches = found.cache.load("Invasive/iv000")
     assert patches.shape == (12, 32, 32, 3) and patches.dtype == np.uint8
-    record = dm.records["Invasive/iv000"]
+    record = found.records["Invasive/iv000"]
     assert record["positions"][:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
     assert dm.summary()["data/n_patches"] == 240.0
-    cache_json = json.loads((dm.cache.root / "cache.json").read_text())
+    cache_json = json.loads((found.cache.root / "cache.json").read_text())
     assert cache_json["tiling"] == {
         "tile_size": 64,
         "stride": 64,
@@ -75,7 +77,7 @@ def test_prepare_writes_index_split_reference_and_cache(make_dm) -> None:
 
 def test_patch_and_image_batches(make_dm) -> None:
     dm = make_dm()
-    dm.build()
+    build(dm.hparams)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (8, 3, 32, 32) and batch["x"].dtype == torch.uint8
@@ -85,12 +87,12 @@ def test_patch_and_image_batches(make_dm) -> None:
     batch = next(iter(image_dm.val_dataloader()))
     assert batch["x"].shape == (2, 12, 3, 32, 32) and batch["mask"].all()
     assert batch["pos"][0, -1].tolist() == [2, 3]
-    labels = {e.image_id: e.label_index for e in image_dm.entries}
+    labels = image_dm.prepared.labels
     assert batch["y"].tolist() == [labels[i] for i in batch["image_id"]]
 
 
 def test_second_prepare_reuses_everything(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_dm().build()
+    build(make_dm().hparams)
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
@@ -98,20 +100,16 @@ def test_second_prepare_reuses_everything(make_dm, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(store, "_prepare_one", fail)
     monkeypatch.setattr("breastnet.data.bach.read_rgb", fail)
     dm = make_dm(batch_size=16, num_workers=1)  # loader settings do not shape the cache
-    dm.build()
-    assert len(dm.records) == 20
+    assert len(build(dm.hparams).records) == 20
 
 
 def test_tiling_change_builds_a_new_cache(make_dm) -> None:
-    first = make_dm()
-    first.build()
-    second = make_dm(patch_size=48)
-    second.build()
-    assert first.cache.root != second.cache.root
-    assert second.cache.load("Normal/n000").shape == (12, 48, 48, 3)
-    unstained = make_dm(stain={"method": "none"})
-    unstained.build()
-    assert unstained.cache.root not in (first.cache.root, second.cache.root)
+    first = build(make_dm().hparams).cache
+    second = build(make_dm(patch_size=48).hparams).cache
+    assert first.root != second.root
+    assert second.load("Normal/n000").shape == (12, 48, 48, 3)
+    unstained = build(make_dm(stain={"method": "none"}).hparams).cache
+    assert unstained.root not in (first.root, second.root)
 
 
 def test_interrupted_prepare_resumes(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,7 +124,7 @@ def test_interrupted_prepare_resumes(make_dm, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(store, "_prepare_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        make_dm().build()
+        build(make_dm().hparams)
     done = list(calls)
     calls.clear()
 
@@ -135,10 +133,9 @@ def test_interrupted_prepare_resumes(make_dm, monkeypatch: pytest.MonkeyPatch) -
         return real(entry, *args)
 
     monkeypatch.setattr(store, "_prepare_one", counted)
-    dm = make_dm()
-    dm.build()
+    records = build(make_dm().hparams).records
     assert len(done) == 7 and len(calls) == 13 and not set(done) & set(calls)
-    assert len(dm.records) == 20
+    assert len(records) == 20
 
 
 def test_a_failing_image_keeps_the_others(make_dm, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,14 +149,14 @@ def test_a_failing_image_keeps_the_others(make_dm, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(store, "_prepare_one", flaky)
     dm = make_dm()
     with pytest.raises(Exception, match=r"(?s)1 image\(s\) failed .*b002\.png: disk hiccup"):
-        dm.build()
-    assert len(dm.cache.records()) == 19  # the others are cached
-    dm = make_dm(skip_bad=True)
-    dm.build()
-    assert len(dm.records) == 19 and "Benign/b002" not in dm.records
+        build(dm.hparams)
+    (cache,) = (Path(dm.hparams.work_dir) / "cache").iterdir()
+    assert len(store.PatchCache(cache).records()) == 19  # the others are cached
+    records = build(make_dm(skip_bad=True).hparams).records
+    assert len(records) == 19 and "Benign/b002" not in records
     loading = make_dm(skip_bad=True)
     loading.setup()  # after prepare: no "run the prepare stage first"
-    assert "Benign/b002" not in loading.records and len(loading.datasets["train"]) > 0
+    assert "Benign/b002" not in loading.prepared.records and len(loading.datasets["train"]) > 0
 
 
 def test_white_image_and_background_tiles(make_dm, synthetic_dir: Path, tmp_path: Path) -> None:
@@ -172,12 +169,12 @@ def test_white_image_and_background_tiles(make_dm, synthetic_dir: Path, tmp_path
     image = np.full((192, 256, 3), 255, np.uint8)
     write_image(data / "Normal" / "white.png", image)
     dm = make_dm(data_dir=str(data), min_tissue=0.05, split=[0.3, 0.3, 0.4])
-    dm.build()  # Macenko cannot estimate stains of a blank image: no crash
+    build(dm.hparams)  # Macenko cannot estimate stains of a blank image: no crash
     dm.setup()
-    white = dm.cache.load("Normal/white")
+    white = dm.prepared.cache.load("Normal/white")
     assert (np.asarray(white) >= 250).all()
-    assert dm.records["Normal/white"]["tissue"] == [0.0] * 12
-    side = next(s for s in ("train", "val", "test") if "Normal/white" in dm.split[s])
+    assert dm.prepared.records["Normal/white"]["tissue"] == [0.0] * 12
+    side = next(s for s in ("train", "val", "test") if "Normal/white" in dm.prepared.split[s])
     assert all(item[0] != "Normal/white" for item in dm.datasets[side].items)
 
 
@@ -199,7 +196,7 @@ def test_augmentation_depends_on_seed_epoch_and_sample_only(make_dm) -> None:
     """Workers (persistent or not) and ranks never change what a sample draws, so a resumed
     run or another worker count sees the same augmented patches; epochs do change it."""
     dm = make_dm()
-    dm.build()
+    build(dm.hparams)
     dm.setup()
     plain = dm.train_dataloader()
     workers = make_dm(num_workers=2, persistent_workers=True)

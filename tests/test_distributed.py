@@ -1,8 +1,6 @@
 """Ranks without a process group: which strategies launch per rank, what a multirun uses
-instead, per-rank dropout seeds, and the import graph the distributed code relies on."""
+instead, and per-rank dropout seeds."""
 
-import ast
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +9,6 @@ from pytorch_lightning.strategies import StrategyRegistry
 
 from breastnet.distributed import launched_per_rank, spawned
 from breastnet.trainer import EpochSeed
-
-from conftest import ROOT
 
 
 @pytest.mark.parametrize(
@@ -52,40 +48,3 @@ def test_dropout_seeds_differ_per_rank() -> None:
     assert torch.equal(drawn(0), drawn(0)) and torch.equal(drawn(1), drawn(1))
     assert not torch.equal(drawn(0), drawn(1)) and not torch.equal(drawn(1), drawn(2))
     assert not torch.equal(drawn(0, batch=3), drawn(0, batch=4))
-
-
-def imports(module: Path) -> set[str]:
-    """The breastnet modules one file imports (at any depth of the file)."""
-    found = set()
-    for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-    return {name for name in found if name.startswith("breastnet")}
-
-
-def test_lineage_and_data_do_not_import_each_other() -> None:
-    """breastnet.lineage reads what breastnet.data writes; the data package never imports
-    lineage back (directly or through a module that does)."""
-    package = ROOT / "breastnet"
-    modules = {
-        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-        for p in package.rglob("*.py")
-    }
-    graph = {name: imports(path) & modules.keys() for name, path in modules.items()}
-
-    def reaches(start: str, target: str) -> bool:
-        seen, todo = set(), [start]
-        while todo:
-            name = todo.pop()
-            if name == target:
-                return True
-            if name not in seen:
-                seen.add(name)
-                todo += graph.get(name, ())
-        return False
-
-    data = [name for name in modules if name.startswith("breastnet.data")]
-    assert not [name for name in data if reaches(name, "breastnet.lineage")]
-    assert reaches("breastnet.lineage", "breastnet.data.bach")  # the direction that is used

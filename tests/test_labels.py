@@ -9,6 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
+from breastnet.data import keys
 from breastnet.data.bach import DataError, build_index
 from breastnet.errors import ConfigError
 from breastnet.inference.files import labels_for
@@ -142,7 +143,8 @@ def test_a_label_map_keys_its_own_index(tmp_path: Path) -> None:
     plain = compose_config(tmp_path)
     mapped = compose_config(tmp_path, "data.label_map={DCIS:InSitu}")
     assert Lineage(plain).index != Lineage(mapped).index
-    assert instantiate(mapped.data).index_path == Lineage(mapped).index
+    lineage, settings = Lineage(mapped), instantiate(mapped.data).hparams  # the DataModule's
+    assert keys.index_path(lineage.work_dir, settings) == lineage.index
 
 
 def test_a_label_map_key_that_matches_no_label_is_an_error(tmp_path: Path) -> None:

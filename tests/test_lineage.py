@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from breastnet import CLASSES, artifacts
 from breastnet.artifacts import config_hash
 from breastnet.cli import run_stages
+from breastnet.data import prepare
 from breastnet.data.bach import DataError, build_index
-from breastnet.data.keys import build_index as index_data
 from breastnet.lineage import Lineage
 
 from conftest import compose_config, tissue_like, write_image
@@ -85,7 +85,7 @@ def keys(indexed: tuple[Path, Path], *overrides: str) -> dict[str, str]:
     """The keys of a config; a setting that keys an index of its own is indexed first."""
     root, data = indexed
     cfg = compose_config(root, *BASE, f"data.data_dir={data}", *overrides)
-    index_data(Path(cfg.data.work_dir), cfg.data)
+    prepare.build_index(Path(cfg.data.work_dir), cfg.data)
     return Lineage(cfg).keys()
 
 
@@ -147,11 +147,10 @@ def test_the_datamodule_uses_the_lineage_paths(indexed: tuple[Path, Path], overr
     """Prepare writes the split and cache where the lineage says later stages find them."""
     root, data = indexed
     cfg = compose_config(root, *BASE, f"data.data_dir={data}", override)
-    datamodule = instantiate(cfg.data)
-    datamodule.build()
+    prepared = prepare.build(cfg.data)
     lineage = Lineage(cfg)
-    assert datamodule.index_path == lineage.index
-    assert datamodule.split_path == lineage.split and datamodule.cache.root == lineage.cache
+    assert lineage.index.is_file() and prepared.entries == lineage.entries
+    assert prepared.split_path == lineage.split and prepared.cache.root == lineage.cache
 
 
 def test_inner_models_have_their_own_split_and_patch_keys(indexed: tuple[Path, Path]) -> None:
@@ -164,8 +163,8 @@ def test_inner_models_have_their_own_split_and_patch_keys(indexed: tuple[Path, P
     assert {m.cache for m in inner} == {outer.cache}  # the same patches, other training sides
     datamodule = instantiate(cfg.data, inner_fold=(1, 2))
     datamodule.setup()
-    assert datamodule.split_path == Lineage(cfg, (1, 2)).split
-    assert datamodule.split_path.stem == f"{outer.split.stem}-inner1of2"
+    assert datamodule.prepared.split_path == Lineage(cfg, (1, 2)).split
+    assert datamodule.prepared.split_path.stem == f"{outer.split.stem}-inner1of2"
 
 
 def test_another_data_set_gets_its_own_index_and_cache(
@@ -198,11 +197,10 @@ def test_a_train_reference_is_picked_among_the_training_images(
             "data.folds=2",
             f"data.fold={fold}",
         )
-        datamodule = instantiate(cfg.data)
-        datamodule.build()
+        prepared = prepare.build(cfg.data)
         saved = root / "work" / "stain" / f"{config_hash(Lineage(cfg).stain)}.json"
         path = json.loads(saved.read_text())["path"]
-        train = {e.path for e in datamodule.entries if e.image_id in datamodule.split["train"]}
+        train = {e.path for e in prepared.entries if e.image_id in prepared.split["train"]}
         assert path in train
-        picked.add(datamodule.cache.root)
+        picked.add(prepared.cache.root)
     assert len(picked) == 2  # a cache per split: the two folds' references differ in key

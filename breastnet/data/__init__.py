@@ -1,1 +1,2 @@
-"""Data layer: BACH ingest, splits, stain work, tiling, patch cache and the DataModule."""
+"""Data layer: BACH ingest, splits, stain work, tiling, patch cache, building them (prepare)
+and the DataModule."""

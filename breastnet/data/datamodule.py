@@ -1,9 +1,9 @@
-"""One LightningDataModule for both models: index, split, stain work, tiling and loading.
+"""One LightningDataModule for both models: datasets, loaders and each rank's batch size.
 
-``build`` does the long work once (index, split, stain reference, patch cache, all in
-``work_dir`` and reused); the prepare stage alone calls it, each artifact under its lock.
-Lightning's ``prepare_data`` hook is left as it is (it does nothing), so no fit or test ever
-rebuilds an artifact that another job reads. ``setup`` only reads, on every rank.
+It only loads: ``setup`` reads, on every rank, what the prepare stage built
+(``breastnet.data.prepare``: index, split, stain reference, patch cache). Lightning's
+``prepare_data`` hook is left as it is (it does nothing), so no fit or test ever rebuilds an
+artifact that another job reads.
 
 Modes: ``patch`` yields single patches with their image's label; ``image`` yields all patches
 of an image in grid order, padded to the longest image of the batch with a mask;
@@ -19,16 +19,14 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from breastnet.artifacts import locked
-from breastnet.data import bach, keys
-from breastnet.data.bach import IndexEntry
+from breastnet.data import prepare
 from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, pad_collate
 from breastnet.data.feature_store import FeatureStore
-from breastnet.data.reference import stain_reference
+from breastnet.data.prepare import PreparedData
 from breastnet.data.resolution import BACH_MPP
 from breastnet.data.sampling import EpochShuffle
-from breastnet.data.splits import SIDES, SplitSpec, load_or_make_split
-from breastnet.data.store import PatchCache, StainSettings, Tiling
+from breastnet.data.splits import SIDES
+from breastnet.data.store import Tiling
 from breastnet.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -37,7 +35,8 @@ MODES = ("patch", "image", "features")
 
 
 class BreastDataModule(pl.LightningDataModule):
-    """BACH images -> stain-normalised patch cache -> patch or image batches."""
+    """The prepare stage's patch cache (or the features store) -> patch, image or feature
+    batches."""
 
     def __init__(
         self,
@@ -78,23 +77,10 @@ class BreastDataModule(pl.LightningDataModule):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.save_hyperparameters(logger=False)
-        self.data_dir = Path(data_dir).expanduser().resolve()
-        self.work_dir = Path(work_dir).expanduser().resolve()
-        self.tiling = Tiling(tile_size, stride, patch_size, mpp, fit)
+        self.tiling = Tiling.from_data(self.hparams)
         self.datasets: dict[str, Dataset] = {}
-        self.entries: list[IndexEntry] = []
-        self.split: dict[str, list[str]] = {}
-        self.split_path: Path | None = None
-        self.split_spec: SplitSpec | None = None
-        self.records: dict[str, dict] = {}
-        self.stain = StainSettings()  # the fitted Macenko reference and solver settings
-        self.cache: PatchCache | None = None
+        self.prepared: PreparedData | None = None  # what setup read of the prepare stage's work
         self.features: FeatureStore | None = None
-
-    @property
-    def index_path(self) -> Path:
-        """This data set's index (one per data set: several share a work_dir)."""
-        return keys.index_path(self.work_dir, self.hparams)
 
     @property
     def world_size(self) -> int:
@@ -108,49 +94,38 @@ class BreastDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size={batch} is not divisible by the {world} devices")
         return batch // world
 
-    # -- the long work, once (the prepare stage) --------------------------------------------
-    def build(self) -> None:
-        """Index, split, pick the stain reference and fill the patch cache (all reused)."""
-        entries = keys.build_index(self.work_dir, self.hparams)
-        self._locate(entries, build=True)
-
     def setup(self, stage: str | None = None) -> None:
-        """Read what ``build`` wrote; build the datasets of each split side."""
+        """Read what the prepare stage built; build the datasets of each split side."""
         if self.datasets:
             return
-        if not self.index_path.is_file():
-            raise FileNotFoundError(
-                f"{self.index_path} not found: run the prepare stage first "
-                "(python -m breastnet 'stages=[prepare]')"
-            )
-        self._locate(bach.read_index(self.index_path), build=False)
+        self.prepared = found = prepare.load(self.hparams, self.hparams.inner_fold)
         if self.hparams.mode == "features":  # cached CNN outputs: no patches, no augmentation
             for side in SIDES:
-                self.datasets[side] = FeatureDataset(self._features(), self.split[side])
+                self.datasets[side] = FeatureDataset(self._features(), found.split[side])
             return
-        labels = {e.image_id: e.label_index for e in self.entries}
-        augment = self._augment_kwargs()
+        labels, augment = found.labels, self._augment_kwargs()
         for side in SIDES:
-            records = [self.records[i] for i in self.split[side] if i in self.records]
+            records = [found.records[i] for i in found.split[side] if i in found.records]
             transform = build_transforms(side == "train", **augment)
             if self.hparams.mode == "patch":
                 self.datasets[side] = PatchDataset(
-                    self.cache, records, labels, transform, self.hparams.min_tissue
+                    found.cache, records, labels, transform, self.hparams.min_tissue
                 )
             else:
-                self.datasets[side] = ImageDataset(self.cache, records, labels, transform)
+                self.datasets[side] = ImageDataset(found.cache, records, labels, transform)
 
     def inference_images(
         self, sides: Sequence[str] = SIDES, image_ids: Sequence[str] | None = None
     ) -> tuple[ImageDataset, list[str]]:
         """Every image of ``sides`` (or the ``image_ids``) as an un-augmented ``ImageDataset``,
         and its ids in order."""
+        found = self.prepared
         if image_ids is None:
-            image_ids = [i for side in sides for i in self.split[side]]
-        ids = [i for i in image_ids if i in self.records]
-        labels = {e.image_id: e.label_index for e in self.entries}
+            image_ids = [i for side in sides for i in found.split[side]]
+        ids = [i for i in image_ids if i in found.records]
+        records = [found.records[i] for i in ids]
         transform = build_transforms(False, **self._augment_kwargs())
-        return ImageDataset(self.cache, [self.records[i] for i in ids], labels, transform), ids
+        return ImageDataset(found.cache, records, found.labels, transform), ids
 
     def _features(self) -> FeatureStore:
         """The features stage's store (``features_path``), its manifest read once."""
@@ -163,49 +138,10 @@ class BreastDataModule(pl.LightningDataModule):
         """Width of the cached feature vectors (2048 for Inception-V3)."""
         return self._features().width
 
-    def _locate(self, entries: list[IndexEntry], build: bool) -> None:
-        """Find (``build``: make) the split, stain reference and cache for these entries."""
-        hp = self.hparams
-        self.entries = entries
-        self.split_spec = spec = SplitSpec.from_data(hp | {"data_dir": self.data_dir})
-        with locked(self.work_dir / "splits"):  # one writer of split files at a time
-            outer, outer_path = load_or_make_split(self.work_dir, entries, spec)
-            self.split, self.split_path = (
-                (outer, outer_path)
-                if hp.inner_fold is None
-                else load_or_make_split(self.work_dir, entries, spec, hp.inner_fold)
-            )
-        settings = keys.stain_settings(hp.stain, entries, outer_path.stem)
-        self.stain = stain = StainSettings(
-            stain_reference(self.work_dir, entries, hp.stain, settings, outer["train"], build),
-            **{k: hp.stain[k] for k in ("solver", "luminosity_threshold", "angular_percentile")},
-        )
-        self.cache = PatchCache(keys.cache_dir(self.work_dir, hp, settings))
-        usable = [e for e in entries if e.usable]
-        if build:
-            self.records = self.cache.build(
-                usable, self.tiling, stain, hp.prepare_workers, hp.skip_bad
-            )
-        else:
-            self.records = self.cache.records()
-            skipped = self.cache.failed() if hp.skip_bad else {}  # prepare left them out
-            if missing := [e for e in self.cache.missing(usable) if e.image_id not in skipped]:
-                raise FileNotFoundError(
-                    f"{len(missing)} image(s) missing from the patch cache {self.cache.root} "
-                    f"(e.g. {missing[0].path}): run the prepare stage first"
-                )
-        (log.info if build else log.debug)(
-            "data: %d images (%s), split %s, cache %s",
-            len(usable),
-            ", ".join(f"{s} {len(self.split[s])}" for s in SIDES),
-            self.split_path.name,
-            self.cache.root,
-        )
-
     def _augment_kwargs(self) -> dict:
         augment = self.hparams.augment
         jitter = augment.get("he_jitter")
-        reference = self.stain.reference
+        reference = self.prepared.stain.reference
         if jitter and reference is None:
             log.warning("augment.he_jitter needs stain normalisation (stain=macenko): not applied")
         return {
@@ -260,9 +196,10 @@ class BreastDataModule(pl.LightningDataModule):
 
     def summary(self) -> dict[str, float]:
         """Counts for the logs and the stage's return value."""
-        out: dict[str, float] = {"data/n_images": float(sum(len(v) for v in self.split.values()))}
+        split, records = self.prepared.split, self.prepared.records
+        out: dict[str, float] = {"data/n_images": float(sum(len(v) for v in split.values()))}
         for side in SIDES:
-            out[f"data/n_{side}_images"] = float(len(self.split[side]))
+            out[f"data/n_{side}_images"] = float(len(split[side]))
             out[f"data/n_{side}_samples"] = float(len(self.datasets.get(side, ())))
-        out["data/n_patches"] = float(sum(r["shape"][0] for r in self.records.values()))
+        out["data/n_patches"] = float(sum(r["shape"][0] for r in records.values()))
         return out

@@ -1,6 +1,7 @@
 """Where the data artifacts of a config live in ``work_dir``: the index, the stain reference
-and the patch cache, and their keys (``breastnet.lineage`` builds the model keys on them; the
-data package never imports lineage). docs/architecture.md, "Artifact keys".
+and the patch cache, and their keys (``breastnet.data.prepare`` builds them there,
+``breastnet.lineage`` builds the model keys on them; the data package never imports lineage).
+docs/architecture.md, "Artifact keys".
 """
 
 import hashlib
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from breastnet.artifacts import artifact_key, container, locked
+from breastnet.artifacts import artifact_key, container
 from breastnet.data import bach
 from breastnet.data.bach import IndexEntry
 from breastnet.data.resolution import BACH_MPP
@@ -44,27 +45,6 @@ def index_path(work_dir: Path, data: Mapping[str, Any]) -> Path:
     the data set and what makes its files usable."""
     found = dataset_key(data["data_dir"], data["labels_csv"], data.get("label_map"))
     return Path(work_dir) / "index" / f"{artifact_key(found | usability(data))}.csv"
-
-
-def build_index(work_dir: Path, data: Mapping[str, Any]) -> list[IndexEntry]:
-    """Index the data set of ``data`` (the prepare stage alone), under the index file's lock,
-    reusing what an earlier index of these settings decoded; returns its entries."""
-    path = index_path(work_dir, data)
-    with locked(path):
-        previous = bach.read_index(path) if path.is_file() else None
-        entries = bach.build_index(
-            data["data_dir"],
-            data["labels_csv"],
-            min_size=usability(data)["min_size"],
-            mpp=data["mpp"],
-            skip_bad=data["skip_bad"],
-            num_workers=data["prepare_workers"],
-            previous=previous,
-            label_map=data.get("label_map"),
-        )
-        if entries != previous:
-            bach.write_index(path, entries)
-    return entries
 
 
 def stain_settings(stain: Any, entries: list[IndexEntry], split: str) -> dict:

@@ -10,10 +10,11 @@ once: the second finds its record in the journal and moves on.
 import json
 import logging
 import multiprocessing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,6 +48,11 @@ class Tiling:
     patch_size: int = 299
     mpp: float = BACH_MPP
     fit: str = "trim"
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> "Tiling":
+        """From ``cfg.data`` or the DataModule's settings."""
+        return cls(*(data[k] for k in ("tile_size", "stride", "patch_size", "mpp", "fit")))
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:

@@ -52,7 +52,7 @@ class Member:
         """The stain reference its training images were normalised to."""
         datamodule = instantiate(self.cfg.data, mode="image")
         datamodule.setup()
-        return datamodule.stain
+        return datamodule.prepared.stain
 
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:

@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         embedder = image_embedder(cfg, lineage, model)
     else:  # on the features stage's cached outputs
         cached = FeatureStore(lineage.features)
-        ids = [i for side in sides for i in datamodule.split[side] if i in cached]
+        ids = [i for side in sides for i in datamodule.prepared.split[side] if i in cached]
         dataset, embedder = FeatureDataset(cached, ids), Embedder(None, model.aggregator)
     out = lineage.report(split)
     outputs = predict_images(cfg, embedder, dataset, ids, out / ".parts", "evaluate")
@@ -60,17 +60,18 @@ def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[st
     """What a reader needs to trust the numbers: the split's sides and source groups, and
     from prepare's audit the near-duplicates among the ``evaluated`` images and their
     closest training images (``evaluate.examples`` pairs)."""
-    spec = datamodule.split_spec
-    labels = {e.image_id: e.label for e in datamodule.entries}
-    groups = spec.groups_of(datamodule.entries)
-    facts = split_summary(datamodule.split, groups, spec, labels)
-    facts["name"] = datamodule.split_path.stem
-    audit = datamodule.split_path.with_suffix(".audit.json")
+    prepared = datamodule.prepared
+    spec = prepared.split_spec
+    labels = {e.image_id: e.label for e in prepared.entries}
+    groups = spec.groups_of(prepared.entries)
+    facts = split_summary(prepared.split, groups, spec, labels)
+    facts["name"] = prepared.split_path.stem
+    audit = prepared.split_path.with_suffix(".audit.json")
     if not audit.is_file():  # audit.enabled=false
         return facts
     saved = json.loads(audit.read_text())
     matches = [m for m in saved["matches"] if m["image_id"] in evaluated]
-    paths = {e.image_id: e.path for e in datamodule.entries}
+    paths = {e.image_id: e.path for e in prepared.entries}
     pairs = [
         m | {"image_path": paths[m["image_id"]], "train_path": paths[m["train_id"]]}
         for m in matches[: cfg.evaluate.examples]
@@ -85,10 +86,11 @@ def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[st
 def _report(
     cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out, checkpoints: list[Path]
 ) -> dict:
-    entries = {e.image_id: e for e in datamodule.entries}
+    prepared = datamodule.prepared
+    entries = {e.image_id: e for e in prepared.entries}
     results = []
     for image_id, output in outputs.items():
-        record = datamodule.records[image_id]  # grid positions and tissue, from prepare
+        record = prepared.records[image_id]  # grid positions and tissue, from prepare
         entry = entries[image_id]
         result = image_result(
             output, entry.path, entry.label_index, record["positions"], record["tissue"]
@@ -106,7 +108,7 @@ def _report(
         cfg,
         out,
         results,
-        lambda i: np.asarray(datamodule.cache.load(i)),
+        lambda i: np.asarray(prepared.cache.load(i)),
         f"breastnet: {aggregator} on the {split} split",
         datamodule.hparams.min_tissue,
         "eval",

@@ -91,7 +91,7 @@ def _assignments(
     """Which patch model embeds which images: the full one every image (in-sample), or the
     val/test images, with each training image embedded by the out-of-fold model whose
     inner split held it out (``oof``)."""
-    split = datamodule.split
+    split = datamodule.prepared.split
     inner = lineage.inner_models()
     if not inner:
         return [(lineage, [i for side in SIDES for i in split[side]])]
@@ -113,14 +113,15 @@ def _save(
     """Write the store from the per-image ``parts``, one image in memory at a time: each
     image's file, the patch accuracy per split (``metrics.json``) and, last, the manifest;
     then drop the parts."""
-    labels = {e.image_id: e.label_index for e in datamodule.entries}
+    prepared = datamodule.prepared
+    labels = prepared.labels
     rows, metrics, width = [], {}, 0
     for side in SIDES:
         truth, preds = [], []  # of the tissue patches, as the patch stage counts them
-        for image_id in datamodule.split[side]:
+        for image_id in prepared.split[side]:
             if image_id not in embedded:
                 continue
-            record = datamodule.records[image_id]
+            record = prepared.records[image_id]
             output = read_part(parts / embedded[image_id], image_id, "features")
             tissue = torch.tensor(record["tissue"])
             counted = output["probs"].argmax(1)[tissue >= datamodule.hparams.min_tissue]

@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # The models' tiling, fitted to any image size; the lineage keys stay the training ones.
     tiling = dataclasses.replace(datamodule.tiling, fit=cfg.predict.fit)
     mpps = pixel_sizes(cfg, files, tiling.mpp)
-    dataset = ImageFiles(files, root, tiling, datamodule.stain, mpps)
+    dataset = ImageFiles(files, root, tiling, datamodule.prepared.stain, mpps)
     # An interrupted run resumes with the parts made under the same models, input and tiling
     per_member = predict_members(cfg, members, dataset)
     outputs = mean_outputs(per_member)

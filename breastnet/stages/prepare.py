@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from breastnet.artifacts import locked
 from breastnet.audit import audit_split
 from breastnet.data.datamodule import BreastDataModule
+from breastnet.data.prepare import build
 from breastnet.distributed import on_rank_zero
 from breastnet.logs import say
 
@@ -18,23 +19,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
     work_dir; returns the data counts (and ``data/near_duplicates``: val/test images with a
     training near-duplicate).
 
-    Rank 0 builds; every rank then reads what it built.
+    Rank 0 builds (``breastnet.data.prepare.build``); every rank then loads what it built.
     """
-    datamodule: BreastDataModule = instantiate(cfg.data)
-    on_rank_zero(datamodule.build)
+    datamodule: BreastDataModule = instantiate(cfg.data)  # a bad setting fails before the work
+    on_rank_zero(lambda: build(cfg.data))
     datamodule.setup()
+    prepared = datamodule.prepared
     summary = datamodule.summary()
     if cfg.audit.enabled:
 
         def audit() -> dict:
-            split, threshold = datamodule.split_path, cfg.audit.threshold
+            split, threshold = prepared.split_path, cfg.audit.threshold
             with locked(split.with_suffix(".audit.json")):
-                return audit_split(datamodule.work_dir, datamodule.entries, split, threshold)
+                return audit_split(prepared.work_dir, prepared.entries, split, threshold)
 
         found = on_rank_zero(audit)
         if found is not None:
             summary["data/near_duplicates"] = float(found["flagged"])
-            on_rank_zero(lambda: say(audit_line(datamodule.split_path, found)))
+            on_rank_zero(lambda: say(audit_line(prepared.split_path, found)))
     return summary
 
 

@@ -23,9 +23,13 @@ from pathlib import Path
 
 BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
 IMAGE_MODELS = "image_model=mean_features,vote"
+# name -> (what it is, its overrides); a lever may set its own image_model sweep
 LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "r0": ("today's bach_cpu, 3 epochs", ("trainer.max_epochs=3",)),
-    "r1": ("frozen encoder, image model on its features", ("patch_model.freeze=true",)),
+    "r1": (
+        "frozen encoder, image model on its features",  # no patch probabilities: no vote
+        ("patch_model.freeze=true", "image_model=mean_features"),
+    ),
     "r2": (
         "linear probe then fine-tune (1 head-only epoch), blocks 14-18, weight decay 0.05",
         (
@@ -46,8 +50,10 @@ def run(name: str, work_dir: Path, out: Path) -> None:
     """Both multiruns of lever ``name`` and their summaries, under ``out/<name>_<yardstick>``."""
     for yardstick, protocol in YARDSTICKS.items():
         sweep = out / f"{name}_{yardstick}"
-        overrides = [*BASE, f"paths.work_dir={work_dir}", *LEVERS[name][1], *protocol]
-        command = [sys.executable, "-m", "breastnet", "-m", *overrides, IMAGE_MODELS]
+        lever = LEVERS[name][1]
+        models = [] if any(o.startswith("image_model=") for o in lever) else [IMAGE_MODELS]
+        overrides = [*BASE, f"paths.work_dir={work_dir}", *lever, *protocol, *models]
+        command = [sys.executable, "-m", "breastnet", "-m", *overrides]
         subprocess.run([*command, f"hydra.sweep.dir={sweep}"], check=True)
         summary = [sys.executable, "-m", "breastnet.summary", str(sweep)]
         subprocess.run([*summary, "--group-by", "image_model"], check=True)
