@@ -14,7 +14,8 @@ salted with ``FORMAT`` (bumped when what an artifact holds changes, so no old on
     cache    <- index key, stain, tiling (pixel size and fit rule when not the defaults)
     patch    <- cache, split (or inner split), augmentation, global batch, patch model
                 (its weights file by content hash), training settings, seed; a frozen
-                encoder: cache and network alone (every split shares its features)
+                encoder: cache and network alone (every split shares its features);
+                ``patch.refit``: the model chosen on val (those keys), refitted
     features <- patch, TTA; out-of-fold: the number of inner patch models
     image    <- features (end to end: patch), image model, image stage settings, seed;
                 after a frozen encoder also the split
@@ -162,10 +163,25 @@ class Lineage:
         training, so nothing of the training settings shapes its features."""
         return bool(self.cfg.patch_model.get("freeze", False))
 
+    @property
+    def refit(self) -> bool:
+        """Whether the patch model is retrained on train + val after model selection
+        (``patch.refit``; not the out-of-fold models, nor a frozen encoder)."""
+        return bool(self.cfg.patch.get("refit")) and self.inner is None and not self.frozen
+
     @cached_property
     def patch(self) -> Path:
-        """``work_dir/patch/<key>``: the fine-tuned patch model; for a frozen encoder only the
-        key (no checkpoint is written), of the cache, split and network alone."""
+        """``work_dir/patch/<key>``: the patch model that embeds the images: ``selection``, or
+        with ``patch.refit`` its refit on train + val for as many epochs as it chose."""
+        if not self.refit:
+            return self.selection
+        return self.work_dir / "patch" / artifact_key({"refit": self.selection.name})
+
+    @cached_property
+    def selection(self) -> Path:
+        """``work_dir/patch/<key>``: the patch model chosen on val (a run with and without
+        ``patch.refit`` shares it); for a frozen encoder only the key (no checkpoint is
+        written), of the cache and network alone."""
         cfg = self.cfg
         model = patch_model_settings(cfg.patch_model)
         if self.frozen:  # what trains and how is moot, and so is the split: every image is
@@ -181,7 +197,8 @@ class Lineage:
                 "batch": {k: cfg.data[k] for k in ("batch_size", "min_tissue")},
                 "patch_model": model,
                 "trainer": training_settings(cfg.trainer),
-                "patch": container(cfg.patch),  # early stopping
+                # early stopping; refit: a model of its own, after this one
+                "patch": {k: v for k, v in container(cfg.patch).items() if k != "refit"},
                 "seed": cfg.seed,
             }
         )

@@ -48,6 +48,8 @@ TABLE = {
     "patch_model.optimizer.lr=0.5": DOWNSTREAM["patch"],
     "data.batch_size=32": DOWNSTREAM["patch"],
     "patch.early_stopping_patience=2": DOWNSTREAM["patch"],
+    # the chosen model keeps its key (shared with runs without refit); its refit embeds
+    "patch.refit=true": DOWNSTREAM["patch"],
     # the augmentation the DataModule applies (data.augment, ${augment} by default)
     "augment=none": DOWNSTREAM["patch"],
     "data.augment={he_jitter:[0.7,1.3],rot90:true,flip:false}": DOWNSTREAM["patch"],

@@ -70,9 +70,11 @@ class BreastDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         features_path: str | None = None,
         inner_fold: tuple[int, int] | None = None,
+        refit: bool = False,
     ) -> None:
         """See ``conf/data/bach.yaml`` for what each setting means; ``inner_fold`` (k, K), set
-        by the patch and features stages, selects inner split k of K (out-of-fold models)."""
+        by the patch and features stages, selects inner split k of K (out-of-fold models);
+        ``refit``, set by the patch stage, trains on train + val (``patch.refit``)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -98,7 +100,8 @@ class BreastDataModule(pl.LightningDataModule):
         """Read what the prepare stage built; build the datasets of each split side."""
         if self.datasets:
             return
-        self.prepared = found = prepare.load(self.hparams, self.hparams.inner_fold)
+        hp = self.hparams
+        self.prepared = found = prepare.load(hp, hp.inner_fold, hp.refit)
         if self.hparams.mode == "features":  # cached CNN outputs: no patches, no augmentation
             for side in SIDES:
                 self.datasets[side] = FeatureDataset(self._features(), found.split[side])

@@ -19,7 +19,7 @@ from breastnet.artifacts import locked
 from breastnet.data import bach, keys
 from breastnet.data.bach import IndexEntry
 from breastnet.data.reference import stain_reference
-from breastnet.data.splits import SIDES, SplitSpec, load_or_make_split
+from breastnet.data.splits import SIDES, SplitSpec, load_or_make_split, refit_split
 from breastnet.data.store import PatchCache, StainSettings, Tiling
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,12 @@ def build(data: Mapping[str, Any]) -> PreparedData:
     return _logged(replace(found, records=records), log.info)
 
 
-def load(data: Mapping[str, Any], inner: tuple[int, int] | None = None) -> PreparedData:
+def load(
+    data: Mapping[str, Any], inner: tuple[int, int] | None = None, refit: bool = False
+) -> PreparedData:
     """What ``build`` wrote for ``data``; ``inner`` (k, K) selects inner split k of K (the
-    out-of-fold patch models' data).
+    out-of-fold patch models' data), ``refit`` the split with val added to train
+    (``splits.refit_split``: the data of ``patch.refit``).
 
     Raises:
         FileNotFoundError: the index, stain reference or an image of the cache is missing
@@ -98,6 +101,8 @@ def load(data: Mapping[str, Any], inner: tuple[int, int] | None = None) -> Prepa
             "(python -m breastnet 'stages=[prepare]')"
         )
     found = _locate(work_dir, data, bach.read_index(index), inner, fit=False)
+    if refit:
+        found = replace(found, split=refit_split(found.split))
     cache = found.cache
     skipped = cache.failed() if data["skip_bad"] else {}  # prepare left them out
     if missing := [e for e in cache.missing(found.usable) if e.image_id not in skipped]:

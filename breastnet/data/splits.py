@@ -507,6 +507,13 @@ def inner_split(split: Mapping[str, Sequence[str]], held: Sequence[str]) -> dict
 
 
 # -- the split file -------------------------------------------------------------------------
+def refit_split(split: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """``split`` with its val images added to the training ones (``patch.refit``). They stay
+    the val side too, for the logs: once trained on, they choose nothing."""
+    train, val = list(split["train"]), list(split["val"])
+    return {"train": train + val, "val": val, "test": list(split["test"])}
+
+
 def split_name(spec: SplitSpec, data: str) -> str:
     """The split file's stem for these settings and ``data`` (the index's
     ``data_fingerprint``); writes nothing.

@@ -48,6 +48,7 @@ def train_and_test(
     prefix: str,
     early_stopping_patience: int | None = None,
     last_every_n_epochs: int = 1,
+    select: bool = True,
     **trainer_overrides: Any,
 ) -> dict[str, float]:
     """Fit with ``best``/``last`` checkpoints in ``out_dir`` (resuming from ``last``, written
@@ -55,16 +56,17 @@ def train_and_test(
     ``<prefix>/val_acc_best`` and ``<prefix>/test_acc``.
 
     ``best`` is the epoch of highest validation accuracy, the lowest validation loss among
-    equals (``<prefix>/val_select``, which early stopping watches too); ``prefix`` is the
+    equals (``<prefix>/val_select``, which early stopping watches too); without ``select``
+    (a refit, whose val images are training images) it is the last epoch. ``prefix`` is the
     model's ``stage``, which its logged metrics start with.
     """
-    select = f"{prefix}/val_select"
+    score_name = f"{prefix}/val_select"
     # `save_last=True` writes last.ckpt only when `best` improves: a second callback keeps
     # last.ckpt at every epoch end, which resuming needs.
     best = ModelCheckpoint(
         dirpath=out_dir,
         filename="best",
-        monitor=select,
+        monitor=score_name if select else None,
         mode="max",
         enable_version_counter=False,
     )
@@ -77,7 +79,7 @@ def train_and_test(
     callbacks = [best, latest, EpochSeed(cfg.seed), ProgressLog(prefix)]
     callbacks += [instantiate(c) for c in cfg.get("callbacks", {}).values()]  # conf/callbacks
     if early_stopping_patience:
-        callbacks.append(EarlyStopping(select, patience=early_stopping_patience, mode="max"))
+        callbacks.append(EarlyStopping(score_name, patience=early_stopping_patience, mode="max"))
     trainer = build_trainer(cfg, callbacks, **trainer_overrides)
     resume = out_dir / "last.ckpt"
     if resume.is_file():

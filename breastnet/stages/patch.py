@@ -4,16 +4,20 @@ Writes ``work_dir/patch/<hash>/{best,last}.ckpt`` (``breastnet.lineage`` says wh
 covers), so folds and sweep jobs never overwrite each other. An interrupted run resumes from
 ``last.ckpt``. With ``image.train_features=oof`` it then trains the K out-of-fold models,
 each on the training images without one inner fold (validated on the same val images), whose
-test side is that fold: their test accuracy is the out-of-fold patch accuracy. A frozen
+test side is that fold: their test accuracy is the out-of-fold patch accuracy. With
+``patch.refit=true`` the chosen model is then retrained on train + val for the epochs val
+chose (``patch/<refit key>``), and that model embeds the images. A frozen
 encoder (``patch_model.freeze=true``) trains nothing and writes no checkpoint: the features
 stage embeds with its weights as loaded.
 """
 
 import logging
+from pathlib import Path
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.errors import ConfigError
@@ -36,6 +40,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("patch_model.freeze=true: a fixed encoder, nothing to train")
         return {}
     metrics = _train(cfg, lineage)
+    if lineage.refit:
+        metrics |= _refit(cfg, lineage)
     if inner := lineage.inner_models():
         held_out = [_train(cfg, model)["patch/test_acc"] for model in inner]
         metrics["patch/oof_acc"] = float(np.mean(held_out))
@@ -43,7 +49,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def _train(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
-    out = lineage.patch
+    out = lineage.selection
 
     def train() -> dict[str, float]:
         if lineage.inner is not None:
@@ -58,3 +64,31 @@ def _train(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
         return train_and_test(cfg, model, datamodule, out, "patch", patience)
 
     return train_once(out, "patch", train)
+
+
+def chosen_epochs(model_dir: Path) -> int:
+    """How many epochs the model in ``model_dir`` had trained when val chose it."""
+    checkpoint = torch.load(model_dir / "best.ckpt", map_location="cpu", weights_only=False)
+    return int(checkpoint["epoch"]) + 1
+
+
+def _refit(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
+    """``patch.refit``: a fresh model on train + val for the chosen number of epochs, on the
+    chosen run's learning-rate schedule (cut short there); returns its epochs and test
+    patch accuracy."""
+    epochs = chosen_epochs(lineage.selection)
+
+    def train() -> dict[str, float]:
+        log.info("patch.refit: %d epoch(s) on train + val: %s", epochs, lineage.patch)
+        datamodule: BreastDataModule = instantiate(cfg.data, mode="patch", refit=True)
+        datamodule.setup()
+        settings = OmegaConf.masked_copy(cfg, ["patch_model"])  # the schedule of the full run
+        if settings.patch_model.get("scheduler") is not None:
+            settings.patch_model.scheduler.max_epochs = cfg.trainer.max_epochs
+        model = instantiate(settings.patch_model)
+        return train_and_test(
+            cfg, model, datamodule, lineage.patch, "patch", select=False, max_epochs=epochs
+        )
+
+    found = train_once(lineage.patch, "patch (refit)", train)
+    return {"patch/refit_epochs": float(epochs), "patch/refit_test_acc": found["patch/test_acc"]}

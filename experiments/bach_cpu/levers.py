@@ -39,6 +39,26 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "patch_model.optimizer.weight_decay=0.05",
         ),
     ),
+    "r3": (
+        "r2, refitted on train + val for the epochs val chose (patch.refit)",
+        (
+            "trainer.max_epochs=4",
+            "patch_model.freeze_backbone_epochs=1",
+            "patch_model.net.train_from=features.14",
+            "patch_model.optimizer.weight_decay=0.05",
+            "patch.refit=true",
+        ),
+    ),
+    "r4": (
+        "r1 at the scanner's pixel size: 36 native 224 px tiles, not 9 of 512 px resized",
+        (
+            "patch_model.freeze=true",
+            "image_model=mean_features",
+            "data.tile_size=224",
+            "data.stride=224",
+            "data.patch_size=224",
+        ),
+    ),
 }
 YARDSTICKS = {
     "eva": ("data.split=eva", "seed=2019,2020,2021"),

@@ -1,0 +1,48 @@
+"""``patch.refit``: after val chose the epoch, a fresh model trains on train + val that long."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from breastnet.artifacts import finished_metrics
+from breastnet.cli import run_stages
+from breastnet.data.feature_store import FeatureStore
+from breastnet.lineage import Lineage
+from breastnet.stages.patch import chosen_epochs
+
+from conftest import SMALL_RUN, compose_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REFIT = [*SMALL_RUN, "trainer.max_epochs=3", "patch.refit=true", "stages=[prepare,patch,features]"]
+
+
+def test_refit_trains_on_train_and_val_for_the_chosen_epochs(tmp_path: Path) -> None:
+    from breastnet.synthetic import write_synthetic_dataset
+
+    demo = write_synthetic_dataset(tmp_path / "demo", 4, 256, 192, seed=5)
+    cfg = compose_config(tmp_path, *REFIT, f"data.data_dir={demo}")
+    metrics = run_stages(cfg)
+    lineage = Lineage(cfg)
+    assert lineage.refit and lineage.patch != lineage.selection
+    chosen = chosen_epochs(lineage.selection)
+    assert 1 <= chosen <= 3 and metrics["patch/refit_epochs"] == chosen
+    refitted = torch.load(lineage.patch / "best.ckpt", map_location="cpu", weights_only=False)
+    assert refitted["epoch"] + 1 == chosen  # the last of the chosen number of epochs
+    scheduler = refitted["hyper_parameters"]["scheduler"]
+    assert scheduler.keywords["max_epochs"] == 3  # the full run's schedule, cut short
+    assert finished_metrics(lineage.patch)["patch/test_acc"] == metrics["patch/refit_test_acc"]
+    # Its training images are the outer split's train and val images.
+    split = json.loads(lineage.split.read_text())
+    datamodule = instantiate(cfg.data, mode="patch", refit=True)
+    datamodule.setup()
+    trained = {image_id for image_id, _, _ in datamodule.datasets["train"].items}
+    assert trained == set(split["train"]) | set(split["val"]) and split["val"]
+    # The refit model is the one that embeds; a run without refit reuses the chosen one.
+    store = FeatureStore(lineage.features)
+    assert {store.rows[i].encoder for i in store} == {lineage.patch.name}
+    plain = compose_config(tmp_path, *REFIT[:-2], f"data.data_dir={demo}")
+    assert Lineage(plain).patch == lineage.selection
