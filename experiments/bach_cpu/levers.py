@@ -53,7 +53,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "r1 at the scanner's pixel size: 36 native 224 px tiles, not 9 of 512 px resized",
         (
             "patch_model.freeze=true",
-            "image_model=mean_features",
+            "image_model=mean_features,attention,bilstm",  # long sequences: the BiLSTM's case
             "data.tile_size=224",
             "data.stride=224",
             "data.patch_size=224",
