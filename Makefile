@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 install: $(VENV)/.installed ## build .venv with every pinned dependency
 
 test: install ## fast test suite (what CI runs)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n auto --maxprocesses 4
 
 test-all: install ## every test, slow ones too (needs ../shared/data/bach-dev for some)
 	$(PY) -m pytest -q
