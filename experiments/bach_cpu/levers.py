@@ -66,9 +66,10 @@ YARDSTICKS = {
 }
 
 
-def run(name: str, work_dir: Path, out: Path) -> None:
-    """Both multiruns of lever ``name`` and their summaries, under ``out/<name>_<yardstick>``."""
-    for yardstick, protocol in YARDSTICKS.items():
+def run(name: str, work_dir: Path, out: Path, yardsticks: list[str]) -> None:
+    """The multiruns of lever ``name`` and their summaries, under ``out/<name>_<yardstick>``."""
+    for yardstick in yardsticks:
+        protocol = YARDSTICKS[yardstick]
         sweep = out / f"{name}_{yardstick}"
         lever = LEVERS[name][1]
         models = [] if any(o.startswith("image_model=") for o in lever) else [IMAGE_MODELS]
@@ -93,11 +94,9 @@ def table(out: Path) -> str:
     ]
     for name, (what, _) in LEVERS.items():
         found = {y: out / f"{name}_{y}" / "results.json" for y in YARDSTICKS}
-        if not all(path.is_file() for path in found.values()):
-            continue
-        results = {y: json.loads(path.read_text()) for y, path in found.items()}
-        for group in results["eva"]:
-            scores = [results[y].get(group, {}) for y in YARDSTICKS]
+        results = {y: json.loads(path.read_text()) for y, path in found.items() if path.is_file()}
+        for group in sorted({g for scores in results.values() for g in scores}):
+            scores = [results.get(y, {}).get(group, {}) for y in YARDSTICKS]
             cells = [
                 cell(s[k]) if k in s else "-"
                 for s in scores
@@ -113,13 +112,16 @@ def main() -> None:
     parser.add_argument("levers", nargs="*", help=f"levers to run, of {', '.join(LEVERS)}")
     parser.add_argument("--work-dir", type=Path, default=Path("work"))
     parser.add_argument("--out", type=Path, default=Path("levers"), help="the multirun dirs")
+    parser.add_argument(
+        "--yardsticks", nargs="+", default=list(YARDSTICKS), choices=list(YARDSTICKS)
+    )
     parser.add_argument("--table", action="store_true", help="print the table and stop")
     args = parser.parse_args()
     if unknown := set(args.levers) - set(LEVERS):
         parser.error(f"unknown lever(s) {sorted(unknown)}: choose from {', '.join(LEVERS)}")
     if not args.table:
         for name in args.levers:
-            run(name, args.work_dir.resolve(), args.out.resolve())
+            run(name, args.work_dir.resolve(), args.out.resolve(), args.yardsticks)
     print(table(args.out))
 
 
