@@ -50,15 +50,26 @@ WEIGHTS = os.environ.get(
 
 @torch.no_grad()
 def tile_features(
-    entries: list, weights: str, tiling: Tiling, normalizer: MacenkoNormalizer | None
+    entries: list,
+    weights: str,
+    tiling: Tiling,
+    normalizer: MacenkoNormalizer | None,
+    layers: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
-    """Pooled features [N, 1280] of every image's tiles, by image id."""
+    """Pooled features [N, 1280] of every image's tiles, by image id; with ``layers``, the
+    global-average-pooled outputs of those inner layers too, concatenated after them."""
     net = build_backbone("mobilenet_v2", weights=weights, freeze_bn=True).eval()
+    inner: list[torch.Tensor] = []
+    for name in layers:
+        module = net.model.get_submodule(name)
+        module.register_forward_hook(lambda _m, _i, y: inner.append(y.mean((2, 3))))
     out = {}
     for e in tqdm(entries, desc="frozen features", unit="img"):
         patches, _ = normalise_and_tile(read_rgb(e.path)[0], tiling, normalizer)
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patches, -1, 1)))
-        out[e.image_id] = net.forward_features(net.normalize(x)).numpy()
+        inner.clear()
+        last = net.forward_features(net.normalize(x))
+        out[e.image_id] = torch.cat([last, *inner], 1).numpy()
     return out
 
 
@@ -134,6 +145,12 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument(
+        "--layers",
+        nargs="*",
+        default=[],
+        help="inner layers whose pooled outputs join the features, e.g. features.10 features.13",
+    )
+    parser.add_argument(
         "--stain-reference",
         type=Path,
         help="Macenko-normalise with this reference (work_dir/stain/<hash>.json); default: raw",
@@ -153,10 +170,11 @@ def main() -> None:
     labels = {e.image_id: e.label_index for e in entries}
     tiling = Tiling(tile_size=args.tile, stride=args.tile, patch_size=args.size)
     colour = args.stain_reference.stem if args.stain_reference else "raw"
-    cache = args.work_dir / "frozen" / f"{Path(args.data).name}-{args.tile}-{args.size}-{colour}"
+    layers = "".join(f"-{name}" for name in args.layers)
+    name = f"{Path(args.data).name}-{args.tile}-{args.size}-{colour}{layers}"
     feats = cached_features(
-        cache.with_suffix(".npz"),
-        lambda: tile_features(entries, args.weights, tiling, normalizer),
+        (args.work_dir / "frozen" / name).with_suffix(".npz"),
+        lambda: tile_features(entries, args.weights, tiling, normalizer, tuple(args.layers)),
     )
     names = {"data_dir": args.data, "labels_csv": args.labels_csv, "bach_names": args.bach_names}
 
