@@ -17,7 +17,14 @@ from conftest import SMALL_RUN, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REFIT = [*SMALL_RUN, "trainer.max_epochs=3", "patch.refit=true", "stages=[prepare,patch,features]"]
+REFIT = [
+    *SMALL_RUN,
+    "trainer.max_epochs=3",
+    # a setting read from outside patch_model, as experiment=bach_cpu's weights path is
+    "patch_model.label_smoothing=${data.min_tissue}",
+    "patch.refit=true",
+    "stages=[prepare,patch,features]",
+]
 
 
 def test_refit_trains_on_train_and_val_for_the_chosen_epochs(tmp_path: Path) -> None:

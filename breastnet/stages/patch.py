@@ -82,10 +82,10 @@ def _refit(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
         log.info("patch.refit: %d epoch(s) on train + val: %s", epochs, lineage.patch)
         datamodule: BreastDataModule = instantiate(cfg.data, mode="patch", refit=True)
         datamodule.setup()
-        settings = OmegaConf.masked_copy(cfg, ["patch_model"])  # the schedule of the full run
-        if settings.patch_model.get("scheduler") is not None:
-            settings.patch_model.scheduler.max_epochs = cfg.trainer.max_epochs
-        model = instantiate(settings.patch_model)
+        settings = OmegaConf.create(OmegaConf.to_container(cfg.patch_model, resolve=True))
+        if settings.get("scheduler") is not None:  # the schedule of the full run
+            settings.scheduler.max_epochs = cfg.trainer.max_epochs
+        model = instantiate(settings)
         return train_and_test(
             cfg, model, datamodule, lineage.patch, "patch", select=False, max_epochs=epochs
         )
