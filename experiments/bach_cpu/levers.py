@@ -1,7 +1,7 @@
 """Each accuracy lever of the CPU recipe on both yardsticks, and the table of their scores.
 
-A lever is a set of overrides on ``experiment=bach_cpu`` (shortened: no test-time
-augmentation). Each one runs as two Hydra multiruns on bach-dev, then ``breastnet.summary``:
+A lever is a set of overrides on ``experiment=bach_cpu`` (no test-time augmentation; its
+encoder frozen, ``r1``, unless a lever fine-tunes it). Each one runs as two Hydra multiruns on bach-dev, then ``breastnet.summary``:
 
 - eva's patient-aware split, its bach-dev part (134 training images, val carved out of them by
   the split seed; 66 test images), split and training seeds 2019, 2020, 2021;
@@ -25,14 +25,18 @@ BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
 IMAGE_MODELS = "image_model=mean_features,vote"
 # name -> (what it is, its overrides); a lever may set its own image_model sweep
 LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "r0": ("today's bach_cpu, 3 epochs", ("trainer.max_epochs=3",)),
+    "r0": (
+        "blocks 10-18 fine-tuned, 3 epochs (bach_cpu until this table)",
+        ("patch_model.freeze=false", "trainer.max_epochs=3"),
+    ),
     "r1": (
-        "frozen encoder, image model on its features",  # no patch probabilities: no vote
-        ("patch_model.freeze=true", "image_model=mean_features"),
+        "frozen encoder, image model on its features (bach_cpu now)",
+        ("patch_model.freeze=true", "image_model=mean_features"),  # no patch probs: no vote
     ),
     "r2": (
         "linear probe then fine-tune (1 head-only epoch), blocks 14-18, weight decay 0.05",
         (
+            "patch_model.freeze=false",
             "trainer.max_epochs=4",
             "patch_model.freeze_backbone_epochs=1",
             "patch_model.net.train_from=features.14",
@@ -42,6 +46,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "r3": (
         "r2, refitted on train + val for the epochs val chose (patch.refit)",
         (
+            "patch_model.freeze=false",
             "trainer.max_epochs=4",
             "patch_model.freeze_backbone_epochs=1",
             "patch_model.net.train_from=features.14",
