@@ -1,7 +1,8 @@
 """Each accuracy lever of the CPU recipe on both yardsticks, and the table of their scores.
 
 A lever is a set of overrides on ``experiment=bach_cpu`` (no test-time augmentation; its
-encoder frozen, ``r1``, unless a lever fine-tunes it). Each one runs as two Hydra multiruns on bach-dev, then ``breastnet.summary``:
+encoder frozen, ``r1``, unless a lever fine-tunes it). Each one runs as two Hydra multiruns
+on bach-dev, then ``breastnet.summary``:
 
 - eva's patient-aware split, its bach-dev part (134 training images, val carved out of them by
   the split seed; 66 test images), split and training seeds 2019, 2020, 2021;
