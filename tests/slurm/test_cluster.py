@@ -161,7 +161,8 @@ def test_a_sweep_of_two_array_jobs_on_one_work_dir(
     submitted = (sweep / ".submitit").iterdir()  # <array id>_<task>/ per job
     ids = sorted({p.name.split("_")[0] for p in submitted if p.name[0].isdigit()})
     assert len(ids) == 1  # one array job
-    states = [job(cluster, f"{ids[0]}_{i}") for i in range(2)]
+    # submitit returns once each job wrote its result, a moment before SLURM ends the job
+    states = [wait(cluster, f"{ids[0]}_{i}", timeout=120) for i in range(2)]
     print(f"array job {ids[0]}: {[(s['JobId'], s['JobState'], s['ExitCode']) for s in states]}")
     assert [(s["JobState"], s["ExitCode"]) for s in states] == [("COMPLETED", "0:0")] * 2
     (cache,) = (tmp_path / "work" / "cache").iterdir()
