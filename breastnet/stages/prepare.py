@@ -31,12 +31,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         def audit() -> dict:
             split, threshold = prepared.split_path, cfg.audit.threshold
             with locked(split.with_suffix(".audit.json")):
-                return audit_split(prepared.work_dir, prepared.entries, split, threshold)
+                found = audit_split(prepared.work_dir, prepared.entries, split, threshold)
+            say(audit_line(split, found))
+            return found
 
-        found = on_rank_zero(audit)
-        if found is not None:
+        # Only rank 0 gets the result back: nothing below may be a collective (every rank
+        # must make the same ones, or the next is paired with another and hangs).
+        if (found := on_rank_zero(audit)) is not None:
             summary["data/near_duplicates"] = float(found["flagged"])
-            on_rank_zero(lambda: say(audit_line(prepared.split_path, found)))
     return summary
 
 
