@@ -65,6 +65,26 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "data.patch_size=224",
         ),
     ),
+    "r5": (
+        "r1 with more context: 4 tiles of 768 px resized to 224 (1.44 µm/px), not 9 of 512",
+        (
+            "patch_model.freeze=true",
+            "image_model=mean_features",
+            "data.tile_size=768",
+            "data.stride=768",
+            "data.patch_size=224",
+        ),
+    ),
+    "r6": (
+        "r1 on the whole field: one 1536 px tile resized to 448 (1.44 µm/px)",
+        (
+            "patch_model.freeze=true",
+            "image_model=mean_features",
+            "data.tile_size=1536",
+            "data.stride=1536",
+            "data.patch_size=448",
+        ),
+    ),
 }
 YARDSTICKS = {
     "eva": ("data.split=eva", "seed=2019,2020,2021"),
