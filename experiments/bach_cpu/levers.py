@@ -22,6 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+
+def tiling(tile: int, patch: int) -> tuple[str, ...]:
+    """Overrides for non-overlapping ``tile`` px tiles resized to ``patch`` px."""
+    return (f"data.tile_size={tile}", f"data.stride={tile}", f"data.patch_size={patch}")
+
+
 BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
 IMAGE_MODELS = "image_model=mean_features,vote"
 # name -> (what it is, its overrides); a lever may set its own image_model sweep
@@ -60,9 +66,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         (
             "patch_model.freeze=true",
             "image_model=mean_features,attention,bilstm",  # long sequences: the BiLSTM's case
-            "data.tile_size=224",
-            "data.stride=224",
-            "data.patch_size=224",
+            *tiling(224, 224),
         ),
     ),
     "r5": (
@@ -70,9 +74,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         (
             "patch_model.freeze=true",
             "image_model=mean_features",
-            "data.tile_size=768",
-            "data.stride=768",
-            "data.patch_size=224",
+            *tiling(768, 224),
         ),
     ),
     "r6": (
@@ -80,9 +82,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         (
             "patch_model.freeze=true",
             "image_model=mean_features",
-            "data.tile_size=1536",
-            "data.stride=1536",
-            "data.patch_size=448",
+            *tiling(1536, 448),
         ),
     ),
 }
