@@ -29,6 +29,14 @@ def tiling(tile: int, patch: int) -> tuple[str, ...]:
 
 
 BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
+# linear probe then fine-tune: one head-only epoch, then blocks 14-18 with weight decay
+FINE_TUNE = (
+    "patch_model.freeze=false",
+    "trainer.max_epochs=4",
+    "patch_model.freeze_backbone_epochs=1",
+    "patch_model.net.train_from=features.14",
+    "patch_model.optimizer.weight_decay=0.05",
+)
 IMAGE_MODELS = "image_model=mean_features,vote"
 # name -> (what it is, its overrides); a lever may set its own image_model sweep
 LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -42,24 +50,11 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "r2": (
         "linear probe then fine-tune (1 head-only epoch), blocks 14-18, weight decay 0.05",
-        (
-            "patch_model.freeze=false",
-            "trainer.max_epochs=4",
-            "patch_model.freeze_backbone_epochs=1",
-            "patch_model.net.train_from=features.14",
-            "patch_model.optimizer.weight_decay=0.05",
-        ),
+        FINE_TUNE,
     ),
     "r3": (
         "r2, refitted on train + val for the epochs val chose (patch.refit)",
-        (
-            "patch_model.freeze=false",
-            "trainer.max_epochs=4",
-            "patch_model.freeze_backbone_epochs=1",
-            "patch_model.net.train_from=features.14",
-            "patch_model.optimizer.weight_decay=0.05",
-            "patch.refit=true",
-        ),
+        (*FINE_TUNE, "patch.refit=true"),
     ),
     "r4": (
         "r1 at the scanner's pixel size: 36 native 224 px tiles, not 9 of 512 px resized",
@@ -84,6 +79,18 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "image_model=mean_features",
             *tiling(1536, 448),
         ),
+    ),
+    "r7": (
+        "r1 on the whole field resized to 336 (1.92 µm/px)",
+        (
+            "patch_model.freeze=true",
+            "image_model=mean_features",
+            *tiling(1536, 336),
+        ),
+    ),
+    "r8": (
+        "r3's fine-tuning (head first, blocks 14-18, refit) on r5's 768 px tiles",
+        (*FINE_TUNE, "patch.refit=true", *tiling(768, 224)),
     ),
 }
 YARDSTICKS = {
