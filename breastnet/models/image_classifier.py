@@ -15,6 +15,7 @@ from breastnet.models.aggregators import Vote
 from breastnet.models.backbone import PatchNet
 from breastnet.models.classifier import ClassifierModule
 from breastnet.models.embedding import embed_patches, scatter_patches
+from breastnet.models.standardize import FeatureScaler
 
 
 class ImageClassifier(ClassifierModule):
@@ -39,6 +40,9 @@ class ImageClassifier(ClassifierModule):
             frozen (it would get no gradient, which DDP rejects).
         chunk_size: patches per backbone forward call, which bounds its transient memory (not
             the activations autograd keeps for backward). BatchNorm sees batches of this size.
+        standardize: z-score each dimension of the cached features (``FeatureScaler``, which
+            the image stage fits on the training images) before the aggregator.
+        feature_dim: width D of the features; needed by ``standardize``.
     """
 
     stage = "image"
@@ -51,6 +55,8 @@ class ImageClassifier(ClassifierModule):
         label_smoothing: float = 0.0,
         backbone: PatchNet | None = None,
         chunk_size: int = 64,
+        standardize: bool = False,
+        feature_dim: int | None = None,
     ):
         n = aggregator.num_classes
         super().__init__(n)
@@ -72,6 +78,11 @@ class ImageClassifier(ClassifierModule):
         if self.trainable and optimizer is None:
             raise ValueError("an optimizer is needed: this model has parameters to train")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.scaler: FeatureScaler | None = None
+        if standardize:
+            if backbone is not None or feature_dim is None:
+                raise ValueError("standardize needs cached features of a known feature_dim")
+            self.scaler = FeatureScaler(feature_dim)
 
     def forward(
         self, x: Tensor, mask: Tensor, pos: Tensor, probs: Tensor | None = None
@@ -79,6 +90,8 @@ class ImageClassifier(ClassifierModule):
         """The aggregator's output (``logits``, maybe ``attention``) for features or images."""
         if self.backbone is not None:
             x, probs = self.embed(x, mask)
+        if self.scaler is not None:
+            x = self.scaler(x)
         return self.aggregator(x, mask, pos, probs)
 
     def embed(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

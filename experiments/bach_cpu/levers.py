@@ -29,6 +29,7 @@ def tiling(tile: int, patch: int) -> tuple[str, ...]:
 
 
 BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
+STANDARDIZE = "image_model.standardize=true"
 # linear probe then fine-tune: one head-only epoch, then blocks 14-18 with weight decay
 FINE_TUNE = (
     "patch_model.freeze=false",
@@ -91,6 +92,14 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "r8": (
         "r3's fine-tuning (head first, blocks 14-18, refit) on r5's 768 px tiles",
         (*FINE_TUNE, "patch.refit=true", *tiling(768, 224)),
+    ),
+    "r9": (
+        "r5 with each feature dimension z-scored on the training patches",
+        ("patch_model.freeze=true", "image_model=mean_features", *tiling(768, 224), STANDARDIZE),
+    ),
+    "r10": (
+        "r7 with each feature dimension z-scored on the training patches",
+        ("patch_model.freeze=true", "image_model=mean_features", *tiling(1536, 336), STANDARDIZE),
     ),
 }
 YARDSTICKS = {
