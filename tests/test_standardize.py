@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from breastnet.inference.embedder import Embedder
 from breastnet.models.aggregators import MeanFeatures
 from breastnet.models.image_classifier import ImageClassifier
 from breastnet.models.standardize import FeatureScaler
@@ -37,23 +38,31 @@ def test_no_training_patches_is_an_error() -> None:
 
 
 def test_standardised_model_is_blind_to_each_dimension_s_scale_and_offset() -> None:
-    """Same weights, features rescaled and shifted per dimension, scaler refitted: same logits."""
+    """Same weights, features rescaled and shifted per dimension, scaler refitted: the same
+    image probabilities, read as evaluate and predict read them (the aggregator alone)."""
     generator = torch.Generator().manual_seed(1)
     data = samples(generator, torch.ones(3), torch.zeros(3))
     scale, shift = torch.tensor([1e-3, 2.0, 40.0]), torch.tensor([5.0, -1.0, 0.0])
     moved = [{"x": s["x"] * scale + shift} for s in data]
-    logits = []
+    probs = []
     for features in (data, moved):
         torch.manual_seed(0)
         model = ImageClassifier(
             MeanFeatures(3), lambda p: torch.optim.SGD(p, lr=0.1), standardize=True, feature_dim=3
         ).eval()
         model.scaler.fit(features)
-        x = torch.stack([f["x"][:1] for f in features])  # 20 images x 1 patch x 3
-        mask, pos = torch.ones(20, 1, dtype=torch.bool), torch.zeros(20, 1, 2, dtype=torch.long)
-        logits.append(model(x, mask, pos)["logits"])
-    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
-    assert set(model.state_dict()) >= {"scaler.mean", "scaler.std"}  # the checkpoint holds them
+        batch = {
+            "x": torch.stack([f["x"][:1] for f in features]),  # 20 images x 1 patch x 3
+            "probs": torch.zeros(20, 1, 4),
+            "mask": torch.ones(20, 1, dtype=torch.bool),
+            "pos": torch.zeros(20, 1, 2, dtype=torch.long),
+            "image_id": [f"i{k}" for k in range(20)],
+        }
+        images = Embedder(None, model.aggregator).predict_step(batch, 0)
+        probs.append(torch.stack([image["image_probs"] for image in images]))
+    torch.testing.assert_close(probs[0], probs[1], atol=1e-4, rtol=1e-4)
+    assert probs[0].std(0).min() > 0  # the images' probabilities differ: the test can fail
+    assert {"aggregator.scaler.mean", "aggregator.scaler.std"} <= set(model.state_dict())
 
 
 def test_standardize_needs_cached_features_of_known_width() -> None:

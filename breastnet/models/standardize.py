@@ -42,3 +42,15 @@ class FeatureScaler(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+
+class Standardized(nn.Module):
+    """An aggregator that reads z-scored features: its signature, outputs and attributes."""
+
+    def __init__(self, aggregator: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.scaler, self.aggregator = FeatureScaler(feature_dim), aggregator
+        self.trainable, self.num_classes = aggregator.trainable, aggregator.num_classes
+
+    def forward(self, features: Tensor, mask: Tensor, pos: Tensor, probs: Tensor) -> dict:
+        return self.aggregator(self.scaler(features), mask, pos, probs)
