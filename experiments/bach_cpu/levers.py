@@ -40,24 +40,25 @@ FINE_TUNE = (
     "patch_model.net.train_from=features.14",
     "patch_model.optimizer.weight_decay=0.05",
 )
+TILES_512 = tiling(512, 224)  # bach_cpu's tiles until r5
 IMAGE_MODELS = "image_model=mean_features,vote"
 # name -> (what it is, its overrides); a lever may set its own image_model sweep
 LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "r0": (
         "blocks 10-18 fine-tuned, 3 epochs (bach_cpu until this table)",
-        ("patch_model.freeze=false", "trainer.max_epochs=3"),
+        ("patch_model.freeze=false", "trainer.max_epochs=3", *TILES_512),
     ),
     "r1": (
-        "frozen encoder, image model on its features (bach_cpu now)",
-        ("patch_model.freeze=true", "image_model=mean_features"),  # no patch probs: no vote
+        "frozen encoder, image model on its features, 9 tiles of 512 px (bach_cpu before r5)",
+        ("patch_model.freeze=true", "image_model=mean_features", *TILES_512),  # no vote
     ),
     "r2": (
         "linear probe then fine-tune (1 head-only epoch), blocks 14-18, weight decay 0.05",
-        FINE_TUNE,
+        (*FINE_TUNE, *TILES_512),
     ),
     "r3": (
         "r2, refitted on train + val for the epochs val chose (patch.refit)",
-        (*FINE_TUNE, "patch.refit=true"),
+        (*FINE_TUNE, "patch.refit=true", *TILES_512),
     ),
     "r4": (
         "r1 at the scanner's pixel size: 36 native 224 px tiles, not 9 of 512 px resized",
@@ -68,7 +69,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "r5": (
-        "r1 with more context: 4 tiles of 768 px resized to 224 (1.44 µm/px), not 9 of 512",
+        "r1 with more context: 4 tiles of 768 px to 224 (1.44 µm/px), not 9 of 512 (bach_cpu now)",
         (
             "patch_model.freeze=true",
             "image_model=mean_features",
