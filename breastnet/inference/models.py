@@ -56,7 +56,7 @@ def build_image_model(
     settings = container(cfg.image_model)
     if "feature_dim" in settings["aggregator"]:  # the parameter-free ones read probabilities
         settings["aggregator"]["feature_dim"] = feature_dim
-    return instantiate(OmegaConf.create(settings), backbone=backbone, feature_dim=feature_dim)
+    return instantiate(OmegaConf.create(settings), backbone=backbone)
 
 
 def load_image_model(cfg: DictConfig, lineage: Lineage) -> ImageClassifier:

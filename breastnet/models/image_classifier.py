@@ -15,7 +15,6 @@ from breastnet.models.aggregators import Vote
 from breastnet.models.backbone import PatchNet
 from breastnet.models.classifier import ClassifierModule
 from breastnet.models.embedding import embed_patches, scatter_patches
-from breastnet.models.standardize import FeatureScaler, Standardized
 
 
 class ImageClassifier(ClassifierModule):
@@ -40,9 +39,6 @@ class ImageClassifier(ClassifierModule):
             frozen (it would get no gradient, which DDP rejects).
         chunk_size: patches per backbone forward call, which bounds its transient memory (not
             the activations autograd keeps for backward). BatchNorm sees batches of this size.
-        standardize: z-score each dimension of the cached features before the aggregator
-            (``Standardized``; the image stage fits its ``scaler`` on the training images).
-        feature_dim: width D of the features; needed by ``standardize``.
     """
 
     stage = "image"
@@ -55,8 +51,6 @@ class ImageClassifier(ClassifierModule):
         label_smoothing: float = 0.0,
         backbone: PatchNet | None = None,
         chunk_size: int = 64,
-        standardize: bool = False,
-        feature_dim: int | None = None,
     ):
         n = aggregator.num_classes
         super().__init__(n)
@@ -78,10 +72,6 @@ class ImageClassifier(ClassifierModule):
         if self.trainable and optimizer is None:
             raise ValueError("an optimizer is needed: this model has parameters to train")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        if standardize:  # inside the aggregator, so whatever runs it (evaluate, predict) scales
-            if backbone is not None or feature_dim is None:
-                raise ValueError("standardize needs cached features of a known feature_dim")
-            self.aggregator = Standardized(aggregator, feature_dim)
 
     def forward(
         self, x: Tensor, mask: Tensor, pos: Tensor, probs: Tensor | None = None
@@ -90,11 +80,6 @@ class ImageClassifier(ClassifierModule):
         if self.backbone is not None:
             x, probs = self.embed(x, mask)
         return self.aggregator(x, mask, pos, probs)
-
-    @property
-    def scaler(self) -> FeatureScaler | None:
-        """The feature standardisation to fit (``standardize``), or None."""
-        return self.aggregator.scaler if isinstance(self.aggregator, Standardized) else None
 
     def embed(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone features (B x N x D) and probs (B x N x C) of uint8 B x N x 3 x S x S.

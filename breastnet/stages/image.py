@@ -35,11 +35,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "image.train_features=oof needs the features stage's cached features: it does not "
             "apply with image.end_to_end=true"
         )
-    if settings.end_to_end and cfg.image_model.get("standardize"):
-        raise ConfigError(
-            "image_model.standardize=true z-scores the features stage's cached features: it "
-            "does not apply with image.end_to_end=true"
-        )
     if lineage.frozen and "feature_dim" not in cfg.image_model.aggregator.keys():  # noqa: SIM118 (a ??? value is not `in` a DictConfig)
         raise ConfigError(
             f"image_model={cfg.image_model.aggregator._target_.rsplit('.', 1)[-1]} reads patch "
@@ -67,9 +62,6 @@ def _train(cfg: DictConfig, lineage: Lineage) -> dict[str, float]:
         )
         datamodule.setup()
         model = build_image_model(cfg, datamodule.feature_dim)
-        if model.scaler is not None:  # the training images' statistics, as a probe's scaler
-            train = datamodule.datasets["train"]
-            model.scaler.fit(train[i] for i in range(len(train)))
     # Epochs on cached features take seconds; a BiLSTM checkpoint with its optimizer state is
     # ~75 MB: the resume point is written every 10 epochs, not every epoch.
     last_every = 1 if settings.end_to_end else 10

@@ -29,9 +29,6 @@ def tiling(tile: int, patch: int) -> tuple[str, ...]:
 
 
 BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
-# what a linear probe does: z-scored features (alone they overfit: train accuracy 1.0 by
-# epoch 11) and an L2 penalty near scikit-learn's C=0.1 on ~110 images (1 / (C n))
-PROBE_HEAD = ("image_model.standardize=true", "image_model.optimizer.weight_decay=0.1")
 # linear probe then fine-tune: one head-only epoch, then blocks 14-18 with weight decay
 FINE_TUNE = (
     "patch_model.freeze=false",
@@ -95,18 +92,6 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "r8": (
         "r3's fine-tuning (head first, blocks 14-18, refit) on r5's 768 px tiles",
         (*FINE_TUNE, "patch.refit=true", *tiling(768, 224)),
-    ),
-    "r9": (
-        "r5 with a linear probe's head: features z-scored, weight decay 0.1",
-        ("patch_model.freeze=true", "image_model=mean_features", *tiling(768, 224), *PROBE_HEAD),
-    ),
-    "r10": (
-        "r7 with a linear probe's head: features z-scored, weight decay 0.1",
-        ("patch_model.freeze=true", "image_model=mean_features", *tiling(1536, 336), *PROBE_HEAD),
-    ),
-    "r11": (
-        "r5 with weight decay 0.1 alone (features as they are)",
-        ("patch_model.freeze=true", "image_model=mean_features", *tiling(768, 224), PROBE_HEAD[1]),
     ),
 }
 YARDSTICKS = {
