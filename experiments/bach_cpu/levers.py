@@ -93,6 +93,16 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "r3's fine-tuning (head first, blocks 14-18, refit) on r5's 768 px tiles",
         (*FINE_TUNE, "patch.refit=true", *tiling(768, 224)),
     ),
+    "r12": (
+        "r8 trained longer: 2 head-only epochs, then blocks 14-18 to epoch 10",
+        (
+            *FINE_TUNE,
+            "trainer.max_epochs=10",
+            "patch_model.freeze_backbone_epochs=2",
+            "patch.refit=true",
+            *tiling(768, 224),
+        ),
+    ),
 }
 YARDSTICKS = {
     "eva": ("data.split=eva", "seed=2019,2020,2021"),
