@@ -4,8 +4,8 @@ Baseline: what ``stages=[predict]`` did before: each file decoded, Macenko-norma
 embedded in the main process, one image at a time. Streamed: the predict stage's path now,
 ``ImageFiles`` decoded/normalised/tiled in 0 or 2 DataLoader workers, several images per
 batch, through ``Trainer.predict``. Both without and with 8-view TTA. MobileNetV2 (random
-weights: speed does not depend on them) at bach_cpu's tiling (512-px tiles -> 224-px patches,
-9 per 1536x1536 image), mean-probability aggregator. The image probabilities of both paths
+weights: speed does not depend on them) at bach_cpu's first tiling (512-px tiles -> 224-px
+patches, 9 per 1536x1536 image), mean-probability aggregator. The image probabilities of both paths
 are compared, so the speed-up is of the same computation.
 
     .venv/bin/python experiments/bench_predict.py [--data DIR] [--n 12]
