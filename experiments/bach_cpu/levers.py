@@ -103,6 +103,10 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
             *tiling(768, 224),
         ),
     ),
+    "r13": (
+        "r5 without Macenko normalisation (stain=none)",
+        ("patch_model.freeze=true", "image_model=mean_features", *tiling(768, 224), "stain=none"),
+    ),
 }
 YARDSTICKS = {
     "eva": ("data.split=eva", "seed=2019,2020,2021"),
