@@ -29,14 +29,22 @@ def tiling(tile: int, patch: int) -> tuple[str, ...]:
 
 
 BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
-# linear probe then fine-tune: one head-only epoch, then blocks 14-18 with weight decay
-FINE_TUNE = (
-    "patch_model.freeze=false",
-    "trainer.max_epochs=4",
-    "patch_model.freeze_backbone_epochs=1",
-    "patch_model.net.train_from=features.14",
-    "patch_model.optimizer.weight_decay=0.05",
-)
+
+
+def fine_tune(epochs: int = 4, head_epochs: int = 1) -> tuple[str, ...]:
+    """Linear probe then fine-tune: ``head_epochs`` with the head alone, then blocks 14-18 too,
+    with weight decay, to epoch ``epochs``."""
+    return (
+        "patch_model.freeze=false",
+        f"trainer.max_epochs={epochs}",
+        f"patch_model.freeze_backbone_epochs={head_epochs}",
+        "patch_model.net.train_from=features.14",
+        "patch_model.optimizer.weight_decay=0.05",
+    )
+
+
+# a fixed encoder and the image model on its features (it has no patch probs: no vote)
+FROZEN = ("patch_model.freeze=true", "image_model=mean_features")
 TILES_512 = tiling(512, 224)  # bach_cpu's tiles until r5
 IMAGE_MODELS = "image_model=mean_features,vote"
 # name -> (what it is, its overrides); a lever may set its own image_model sweep
@@ -47,15 +55,15 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "r1": (
         "frozen encoder, image model on its features, 9 tiles of 512 px (bach_cpu before r5)",
-        ("patch_model.freeze=true", "image_model=mean_features", *TILES_512),  # no vote
+        (*FROZEN, *TILES_512),
     ),
     "r2": (
         "linear probe then fine-tune (1 head-only epoch), blocks 14-18, weight decay 0.05",
-        (*FINE_TUNE, *TILES_512),
+        (*fine_tune(), *TILES_512),
     ),
     "r3": (
         "r2, refitted on train + val for the epochs val chose (patch.refit)",
-        (*FINE_TUNE, "patch.refit=true", *TILES_512),
+        (*fine_tune(), "patch.refit=true", *TILES_512),
     ),
     "r4": (
         "r1 at the scanner's pixel size: 36 native 224 px tiles, not 9 of 512 px resized",
@@ -67,45 +75,27 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "r5": (
         "r1 with more context: 4 tiles of 768 px to 224 (1.44 µm/px), not 9 of 512 (bach_cpu now)",
-        (
-            "patch_model.freeze=true",
-            "image_model=mean_features",
-            *tiling(768, 224),
-        ),
+        (*FROZEN, *tiling(768, 224)),
     ),
     "r6": (
         "r1 on the whole field: one 1536 px tile resized to 448 (1.44 µm/px)",
-        (
-            "patch_model.freeze=true",
-            "image_model=mean_features",
-            *tiling(1536, 448),
-        ),
+        (*FROZEN, *tiling(1536, 448)),
     ),
     "r7": (
         "r1 on the whole field resized to 336 (1.92 µm/px)",
-        (
-            "patch_model.freeze=true",
-            "image_model=mean_features",
-            *tiling(1536, 336),
-        ),
+        (*FROZEN, *tiling(1536, 336)),
     ),
     "r8": (
         "r3's fine-tuning (head first, blocks 14-18, refit) on r5's 768 px tiles",
-        (*FINE_TUNE, "patch.refit=true", *tiling(768, 224)),
+        (*fine_tune(), "patch.refit=true", *tiling(768, 224)),
     ),
     "r12": (
         "r8 trained longer: 2 head-only epochs, then blocks 14-18 to epoch 10",
-        (
-            *FINE_TUNE,
-            "trainer.max_epochs=10",
-            "patch_model.freeze_backbone_epochs=2",
-            "patch.refit=true",
-            *tiling(768, 224),
-        ),
+        (*fine_tune(10, 2), "patch.refit=true", *tiling(768, 224)),
     ),
     "r13": (
         "r5 without Macenko normalisation (stain=none)",
-        ("patch_model.freeze=true", "image_model=mean_features", *tiling(768, 224), "stain=none"),
+        (*FROZEN, *tiling(768, 224), "stain=none"),
     ),
 }
 YARDSTICKS = {
