@@ -97,6 +97,10 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "r5 without Macenko normalisation (stain=none)",
         (*FROZEN, *tiling(768, 224), "stain=none"),
     ),
+    "r14": (
+        "r5 with the Macenko reference chosen from the training images alone (not transductive)",
+        (*FROZEN, *tiling(768, 224), "stain.reference=train"),
+    ),
 }
 YARDSTICKS = {
     "eva": ("data.split=eva", "seed=2019,2020,2021"),
