@@ -101,6 +101,16 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "r5 with the Macenko reference chosen from the training images alone (not transductive)",
         (*FROZEN, *tiling(768, 224), "stain.reference=train"),
     ),
+    "r15": (
+        "the BiLSTM's case at r5's scale: 25 overlapping 768 px tiles (stride 192), row order",
+        (
+            "patch_model.freeze=true",
+            "image_model=mean_features,attention,bilstm",
+            "data.tile_size=768",
+            "data.stride=192",
+            "data.patch_size=224",
+        ),
+    ),
 }
 YARDSTICKS = {
     "eva": ("data.split=eva", "seed=2019,2020,2021"),
