@@ -111,6 +111,14 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "data.patch_size=224",
         ),
     ),
+    "r16": (
+        "r5 with attention-MIL and the BiLSTM beside the mean (which image model to default to)",
+        (
+            "patch_model.freeze=true",
+            "image_model=mean_features,attention,bilstm",
+            *tiling(768, 224),
+        ),
+    ),
 }
 YARDSTICKS = {
     "eva": ("data.split=eva", "seed=2019,2020,2021"),
