@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 
 
-def tiling(tile: int, patch: int) -> tuple[str, ...]:
-    """Overrides for non-overlapping ``tile`` px tiles resized to ``patch`` px."""
-    return (f"data.tile_size={tile}", f"data.stride={tile}", f"data.patch_size={patch}")
+def tiling(tile: int, patch: int, stride: int | None = None) -> tuple[str, ...]:
+    """Overrides for ``tile`` px tiles every ``stride`` px (non-overlapping by default),
+    resized to ``patch`` px."""
+    return (f"data.tile_size={tile}", f"data.stride={stride or tile}", f"data.patch_size={patch}")
 
 
 BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
@@ -45,6 +46,8 @@ def fine_tune(epochs: int = 4, head_epochs: int = 1) -> tuple[str, ...]:
 
 # a fixed encoder and the image model on its features (it has no patch probs: no vote)
 FROZEN = ("patch_model.freeze=true", "image_model=mean_features")
+# the same encoder, with the two sequence models beside the mean
+SEQUENCE_MODELS = ("patch_model.freeze=true", "image_model=mean_features,attention,bilstm")
 TILES_512 = tiling(512, 224)  # bach_cpu's tiles until r5
 IMAGE_MODELS = "image_model=mean_features,vote"
 # name -> (what it is, its overrides); a lever may set its own image_model sweep
@@ -67,11 +70,7 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "r4": (
         "r1 at the scanner's pixel size: 36 native 224 px tiles, not 9 of 512 px resized",
-        (
-            "patch_model.freeze=true",
-            "image_model=mean_features,attention,bilstm",  # long sequences: the BiLSTM's case
-            *tiling(224, 224),
-        ),
+        (*SEQUENCE_MODELS, *tiling(224, 224)),  # long sequences: the BiLSTM's case
     ),
     "r5": (
         "r1 with more context: 4 tiles of 768 px to 224 (1.44 µm/px), not 9 of 512 (bach_cpu now)",
@@ -103,21 +102,11 @@ LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "r15": (
         "the BiLSTM's case at r5's scale: 25 overlapping 768 px tiles (stride 192), row order",
-        (
-            "patch_model.freeze=true",
-            "image_model=mean_features,attention,bilstm",
-            "data.tile_size=768",
-            "data.stride=192",
-            "data.patch_size=224",
-        ),
+        (*SEQUENCE_MODELS, *tiling(768, 224, stride=192)),
     ),
     "r16": (
         "r5 with attention-MIL and the BiLSTM beside the mean (which image model to default to)",
-        (
-            "patch_model.freeze=true",
-            "image_model=mean_features,attention,bilstm",
-            *tiling(768, 224),
-        ),
+        (*SEQUENCE_MODELS, *tiling(768, 224)),
     ),
 }
 YARDSTICKS = {
