@@ -20,7 +20,7 @@ need_data = $(if $(DATA)$(BREASTNET_DATA)$(ARGS)$(wildcard data/BACH conf/local/
 	$(error make $@: set DATA=<BACH folder> (or ARGS=experiment=...); make demo runs on generated data))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo prepare patch features image evaluate predict pipeline cv sweep bench clean
+.PHONY: help install test test-all lint format demo data prepare patch features image evaluate predict pipeline cv sweep bench clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ $(DEMO_DATA): | install
 
 demo: install $(DEMO_DATA) ## whole pipeline on generated demo data, CPU
 	$(RUN) experiment=demo data.data_dir=$(DEMO_DATA) $(ARGS)
+
+data: install ## BACH from Zenodo (10.4 GB, resumes) into DATA or data/BACH; ACCEPT_LICENCE=1, ZIP=<copied zip>
+	$(PY) -m breastnet.download bach --to $(or $(DATA),$(BREASTNET_DATA),data/BACH) \
+		$(if $(filter 1 yes true,$(ACCEPT_LICENCE)),--accept-licence) $(if $(ZIP),--from-zip $(ZIP))
 
 prepare: install ## index, split, Macenko-normalise and tile into the cache
 	$(need_data)
