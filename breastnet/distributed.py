@@ -30,6 +30,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from breastnet.artifacts import locked
+from breastnet.errors import UserError, is_user_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,13 +112,30 @@ def on_rank_zero(work: Callable[[], T]) -> T | None:
         except Exception as e:  # re-raised below, after the others are told
             error = e
     if dist.is_initialized():
-        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        status = [None if error is None else _said(error)]
         dist.broadcast_object_list(status, src=0, group=_wait_group)
         if error is None and status[0] is not None:
-            raise RuntimeError(f"rank 0 failed: {status[0]}")
+            message, users = status[0]
+            # the user's error is the same message on every rank; a bug keeps a traceback
+            raise (UserError if users else RuntimeError)(f"rank 0 failed: {message}")
     if error is not None:
         raise error
     return result
+
+
+def from_rank_zero(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 alone and give its result to every rank: one view of a shared
+    folder (on NFS two ranks listing it at once may see different files)."""
+    result = [on_rank_zero(work)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0, group=_wait_group)
+    return result[0]
+
+
+def _said(error: Exception) -> tuple[str, bool]:
+    """What the other ranks say of rank 0's ``error``, and whether it is the user's."""
+    users = is_user_error(error)
+    return (str(error) if users else f"{type(error).__name__}: {error}"), users
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from breastnet.artifacts import atomic_write
 from breastnet.data.datasets import pad_collate
-from breastnet.distributed import barrier, rank
+from breastnet.distributed import barrier, from_rank_zero, rank
 from breastnet.trainer import ProgressLog, build_trainer
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,13 @@ def run_parts(
     """Run ``embedder`` (an ``Embedder`` or ``StackedEmbedder``) over the images without a
     saved part (``image_ids[i]`` is sample ``i`` of ``dataset``) on every rank, each rank
     saving its images' parts; returns when every rank is done."""
-    todo = [
-        i for i, image_id in enumerate(image_ids) if not part_path(parts_dir, image_id).exists()
-    ]
-    barrier()  # every rank has listed the same images before any rank writes one
+    todo = from_rank_zero(  # every rank runs the list rank 0 made, before any writes a part
+        lambda: [
+            i
+            for i, image_id in enumerate(image_ids)
+            if not part_path(parts_dir, image_id).exists()
+        ]
+    )
     if todo:
         log.info("%s: %d of %d images to run", name, len(todo), len(image_ids))
         loader = DataLoader(

@@ -2,9 +2,11 @@
 Hugging Face cache, or torchvision's ImageNet weights from the hub cache, fetched with a
 timeout of their own so an offline machine fails fast with the path to put the file at (never
 a silent random init). Every file loads strictly, and its content hash, not its path, names
-it in artifact keys."""
+it in artifact keys: a file that is not there has no key (``breastnet.models.resolve`` gets
+it at startup, before any key is computed)."""
 
 import hashlib
+import logging
 import os
 import re
 import urllib.request
@@ -18,6 +20,9 @@ from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
 from breastnet.artifacts import atomic_write
+from breastnet.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 15.0
 """Socket timeout of the ImageNet weights download (that connection's alone)."""
@@ -27,6 +32,8 @@ HF_PREFIX = "hf-hub:"
 """``weights=hf-hub:<owner>/<repo>``: the repository's weights file from the Hugging Face cache."""
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 """The names a timm repository on the Hugging Face hub gives its weights, in order of choice."""
+HUB_TIMEOUT_S = 10.0
+"""Timeout of the one request (no retries) that asks the hub for a file not in the cache."""
 NAMED_WEIGHTS = ("none", "imagenet")
 
 
@@ -84,29 +91,53 @@ def _download(url: str, file: Path) -> None:
 
 
 def hf_hub_file(repo: str, what: str) -> Path:
-    """The weights file of Hugging Face repository ``repo`` from the local cache (no download
-    with ``HF_HUB_OFFLINE=1``); none there is one error saying how to get it.
+    """The weights file of Hugging Face repository ``repo``: from the local cache, else
+    downloaded once. One request per candidate file, with a short timeout and no retries, asks
+    the hub first, so an offline machine (or ``HF_HUB_OFFLINE=1``) is told at once instead of
+    after the hub client's own retries; a file not found is one error saying how to get it.
 
     Args:
         repo: ``owner/name`` on the hub.
-        what: how the repository is gated and licensed, for the message.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        what: where the weights come from and on what terms, for the message.
 
-    problems = []
+    Raises:
+        ConfigError: the file is neither cached nor downloadable.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    if (cached := _cached_hf_file(repo)) is not None:
+        return cached
+    if constants.is_offline_mode():
+        raise hub_weights_missing(repo, what, "HF_HUB_OFFLINE=1 forbids downloading it")
     for filename in HF_FILES:
         try:
-            return Path(hf_hub_download(repo, filename))
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-            problems.append(f"{filename}: {type(err).__name__}")
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-    raise FileNotFoundError(
-        f"weights of https://huggingface.co/{repo} are not in the Hugging Face cache ({cache}; "
-        f"{'; '.join(problems)}). {what}. Accept its terms on the hub, then on a machine "
-        f"online: `hf auth login; hf download {repo}` (the cache can be copied to an offline "
-        "machine; set HF_HUB_OFFLINE=1 there), or download its model.safetensors / "
-        "pytorch_model.bin and pass patch_model.net.weights=/path/to/that/file."
+            get_hf_file_metadata(hf_hub_url(repo, filename), timeout=HUB_TIMEOUT_S)
+        except EntryNotFoundError:
+            continue  # the repository has the other name
+        except HfHubHTTPError as err:  # gated without access (401/403), no such repository
+            status = err.response.status_code if err.response is not None else "?"
+            why = f"the hub refused it (HTTP {status}: log in and accept its terms)"
+            raise hub_weights_missing(repo, what, why) from err
+        except Exception as err:  # DNS, refused connection, timeout, proxy: no network
+            why = f"huggingface.co could not be reached ({type(err).__name__}: {err})"
+            raise hub_weights_missing(repo, what, why) from err
+        log.info("downloading %s of %s into the Hugging Face cache", filename, repo)
+        return Path(hf_hub_download(repo, filename, etag_timeout=HUB_TIMEOUT_S))
+    raise hub_weights_missing(repo, what, f"the repository holds no {' or '.join(HF_FILES)}")
+
+
+def hub_weights_missing(repo: str, what: str, why: str) -> ConfigError:
+    """The one message for hub weights that are not here: the two ways to get them."""
+    from huggingface_hub import constants
+
+    return ConfigError(
+        f"{what}. Its weights file (patch_model.net.weights={HF_PREFIX}{repo}) is not in the "
+        f"Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. Either download its "
+        f"model.safetensors (or pytorch_model.bin) from https://huggingface.co/{repo} and set "
+        "patch_model.net.weights=/path/to/that/file, or on a machine with internet accept its "
+        f"terms on the hub, run `hf auth login; hf download {repo}` and copy the cache here "
+        "(HF_HUB_OFFLINE=1 then reads it offline)."
     )
 
 
@@ -151,16 +182,28 @@ def file_sha256(path: Path) -> str:
 def weights_fingerprint(weights: str | os.PathLike | None) -> str | None:
     """What names ``weights`` in an artifact key: ``none``/``imagenet`` as they are, a file by
     its content (``sha256:<hex>``), so a moved or renamed copy keeps its key and another file
-    under the same name gets another; ``hf-hub:<repo>`` by its cached file's content when it
-    is there (else the name: building the model will say how to get it)."""
+    under the same name gets another; ``hf-hub:<repo>`` by its cached file's content.
+
+    Raises:
+        ConfigError: the file is not there (not yet downloaded): a key of the path or
+            repository name would move once it is, orphaning what was built under it.
+    """
     if weights is None or str(weights) in NAMED_WEIGHTS:
         return None if weights is None else str(weights)
     text = str(weights)
     if text.startswith(HF_PREFIX):
-        cached = _cached_hf_file(text.removeprefix(HF_PREFIX))
-        return text if cached is None else f"{text}@sha256:{file_sha256(cached)}"
+        repo = text.removeprefix(HF_PREFIX)
+        if (cached := _cached_hf_file(repo)) is None:
+            what = f"The artifact keys hold the content hash of {repo}'s weights"
+            raise hub_weights_missing(repo, what, "it has not been downloaded yet")
+        return f"{text}@sha256:{file_sha256(cached)}"
     path = Path(text).expanduser()
-    return f"sha256:{file_sha256(path)}" if path.is_file() else text
+    if not path.is_file():
+        raise ConfigError(
+            f"weights file {path} not found (patch_model.net.weights={text}): put the file "
+            "there or set patch_model.net.weights to where it is"
+        )
+    return f"sha256:{file_sha256(path)}"
 
 
 def load_strict(
