@@ -57,8 +57,9 @@ def test_prepare_patch_features(demo: Path, tmp_path: Path) -> None:
     assert image["positions"][-1].tolist() == [2, 3]
     row = store.rows["Normal/n000"]
     assert (row.n_tiles, row.width, row.encoder) == (12, 1280, Lineage(cfg).patch.name)
-    assert (store_dir / row.path).is_file() and row.label == 0
-    assert {store.rows[i].split for i in store} == {"train", "val", "test"}
+    sha1 = {e.image_id: e.sha1 for e in Lineage(cfg).entries}
+    assert (store_dir / row.path).is_file() and row.sha1 == sha1["Normal/n000"]
+    assert not {"label", "split"} & set(store.load("Normal/n000"))  # joined from the index
     # A rerun reuses every artifact and returns the same numbers.
     mtime = store.manifest_path.stat().st_mtime_ns
     assert run_stages(cfg) == metrics and store.manifest_path.stat().st_mtime_ns == mtime
@@ -188,10 +189,10 @@ def test_image_stage_with_every_aggregator(demo: Path, tmp_path: Path) -> None:
             )
         assert results[name]["image/test_acc"] == pytest.approx(right / n_test, abs=1e-6), name
     # Vote and mean need no training: their accuracy follows from the patch probabilities.
-    store = FeatureStore(features_dir)
-    saved = {i: store.load(i) for i in store}
-    val = [i for i in saved.values() if i["split"] == "val"]
-    test = [i for i in saved.values() if i["split"] == "test"]
+    store, split = FeatureStore(features_dir), dm.prepared.split
+    saved = {i: store.load(i) | {"label": dm.prepared.labels[i]} for i in store}
+    val = [saved[i] for i in split["val"]]
+    test = [saved[i] for i in split["test"]]
     assert len(test) == n_test
     mean_right = sum(int(i["probs"].mean(0).argmax() == i["label"]) for i in val)
     assert results["mean"]["image/val_acc_best"] == pytest.approx(mean_right / len(val))

@@ -89,14 +89,24 @@ def read_rgb(path: str | Path) -> tuple[np.ndarray, str]:
 
 
 def find_images(data_dir: Path) -> list[Path]:
-    """Image files under ``data_dir`` (recursively, hidden entries skipped), sorted."""
-    return sorted(
+    """Image files under ``data_dir`` (recursively, hidden entries skipped), sorted; broken
+    symbolic links among them are named in one warning with their count."""
+    named = [
         p
         for p in data_dir.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(data_dir).parts)
-    )
+    ]
+    if broken := sorted(str(p) for p in named if p.is_symlink() and not p.exists()):
+        shown = ", ".join(broken[:5]) + (" ..." if len(broken) > 5 else "")
+        log.warning(
+            "%d broken symbolic link(s) under %s left out (%s): a relative link's target is "
+            "resolved from the link's own folder",
+            len(broken),
+            data_dir,
+            shown,
+        )
+    return sorted(p for p in named if p.is_file())
 
 
 def read_label_csv(path: Path) -> dict[str, str]:
@@ -405,3 +415,9 @@ def read_index(path: Path) -> list[IndexEntry]:
 def data_fingerprint(entries: list[IndexEntry]) -> str:
     """Hash of the usable images (id, content, label): keys splits to the data they split."""
     return config_hash(sorted((e.image_id, e.sha1, e.label) for e in entries if e.usable))
+
+
+def content_fingerprint(entries: list[IndexEntry]) -> str:
+    """Hash of the usable images' ids and contents, not their labels: keys what is made from
+    the pixels alone (a stain reference picked from every image), so a relabel reuses it."""
+    return config_hash(sorted((e.image_id, e.sha1) for e in entries if e.usable))

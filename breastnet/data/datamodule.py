@@ -20,8 +20,9 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from breastnet.data import prepare
+from breastnet.data.bach import DataError
 from breastnet.data.datasets import FeatureDataset, ImageDataset, PatchDataset, pad_collate
-from breastnet.data.feature_store import FeatureStore
+from breastnet.data.feature_store import FeatureStore, missing_message
 from breastnet.data.prepare import PreparedData
 from breastnet.data.resolution import BACH_MPP
 from breastnet.data.sampling import EpochShuffle
@@ -103,8 +104,13 @@ class BreastDataModule(pl.LightningDataModule):
         hp = self.hparams
         self.prepared = found = prepare.load(hp, hp.inner_fold, hp.refit)
         if self.hparams.mode == "features":  # cached CNN outputs: no patches, no augmentation
+            store = self._features()
+            ids = {s: [i for i in found.split[s] if i in found.records] for s in SIDES}
+            sha1 = {e.image_id: e.sha1 for e in found.entries}
+            if stale := store.stale({i: sha1[i] for side in ids.values() for i in side}):
+                raise DataError(missing_message(store.root, stale, sum(map(len, ids.values()))))
             for side in SIDES:
-                self.datasets[side] = FeatureDataset(self._features(), found.split[side])
+                self.datasets[side] = FeatureDataset(store, ids[side], found.labels)
             return
         labels, augment = found.labels, self._augment_kwargs()
         for side in SIDES:

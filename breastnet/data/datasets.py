@@ -123,10 +123,13 @@ def pad_collate(samples: list[dict]) -> dict:
 
 class FeatureDataset(_AugmentedDataset):
     """One sample per image: its cached feature sequence and patch probabilities, read from
-    the store when asked for, so memory holds a batch, never the whole store."""
+    the store when asked for, so memory holds a batch, never the whole store. Its target is
+    the current index's label (``labels``): the store holds features, never labels."""
 
-    def __init__(self, store: FeatureStore, image_ids: Sequence[str]) -> None:
-        self.store, self.image_ids = store, list(image_ids)
+    def __init__(
+        self, store: FeatureStore, image_ids: Sequence[str], labels: Mapping[str, int]
+    ) -> None:
+        self.store, self.image_ids, self.labels = store, list(image_ids), labels
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -138,6 +141,6 @@ class FeatureDataset(_AugmentedDataset):
             "x": image["features"],  # N x D
             "probs": image["probs"],  # N x C
             "pos": image["positions"],  # N x 2
-            "y": image["label"],
+            "y": self.labels[self.image_ids[i]],
             "image_id": self.image_ids[i],
         }

@@ -6,13 +6,18 @@ lists them in ``manifest.csv`` (as eva's embeddings writer does), so the image m
 its sequences and memory stays at a batch:
 
     features/<key>/manifest.csv          image_id, path, n_tiles, width, encoder (the
-                                         patch/<key> that embedded it), split (its side in
-                                         the split that made the store: a frozen encoder's
-                                         store serves every split), label; written last
+                                         patch/<key> that embedded it), sha1 (the content of
+                                         the image it was embedded from); written last
     features/<key>/meta.json             classes, test-time augmentation, training features
-    features/<key>/metrics.json          patch accuracy per split
+    features/<key>/metrics.json          patch accuracy per split (none: a frozen encoder)
     features/<key>/images/<image_id>.pt  features [N, D], probs [N, C], positions [N, 2],
                                          tissue [N]
+
+Features are a function of an image's content, its tiles and the encoder, never of its label
+or side: the store holds neither. The image model and evaluate join labels and sides from the
+current index and split, so a relabelled data set reuses every feature. Each row records the
+content hash it was embedded from, so a replaced image is embedded again and an added one is
+embedded alone (``FeatureStore.stale``).
 """
 
 import csv
@@ -30,7 +35,7 @@ from torch import Tensor
 from breastnet.artifacts import atomic_write, write_json, write_text
 
 MANIFEST = "manifest.csv"
-COLUMNS = ("image_id", "path", "n_tiles", "width", "encoder", "split", "label")
+COLUMNS = ("image_id", "path", "n_tiles", "width", "encoder", "sha1")
 ARRAYS = ("features", "probs", "positions", "tissue")
 
 
@@ -43,8 +48,7 @@ class Row:
     n_tiles: int
     width: int
     encoder: str
-    split: str
-    label: int
+    sha1: str
 
 
 class FeatureStore:
@@ -72,11 +76,17 @@ class FeatureStore:
 
     @cached_property
     def rows(self) -> dict[str, Row]:
-        """Every image's manifest row, by image id."""
+        """Every image's manifest row, by image id (a store from before rows kept their
+        content hash has none: each of its images counts as stale)."""
         with self.manifest_path.open(newline="") as f:
             return {
                 r["image_id"]: Row(
-                    **{k: int(r[k]) if k in ("n_tiles", "width", "label") else r[k] for k in r}
+                    r["image_id"],
+                    r["path"],
+                    int(r["n_tiles"]),
+                    int(r["width"]),
+                    r["encoder"],
+                    r.get("sha1") or "",
                 )
                 for r in csv.DictReader(f)
             }
@@ -101,11 +111,41 @@ class FeatureStore:
         return len(self.rows)
 
     def load(self, image_id: str) -> dict[str, Any]:
-        """One image's arrays and its manifest facts: ``label``, ``split`` and ``patch_model``
-        (the encoder that embedded it)."""
+        """One image's arrays and ``patch_model``, the encoder that embedded it."""
         row = self.rows[image_id]
         image = torch.load(self.root / row.path, map_location="cpu", weights_only=True)
-        return {**image, "label": row.label, "split": row.split, "patch_model": row.encoder}
+        return {**image, "patch_model": row.encoder}
+
+    def stale(
+        self, sha1s: Mapping[str, str], encoders: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """The images of ``sha1s`` (image id -> content hash) that the store lacks or holds
+        from other content (or, given ``encoders``, from another patch model), in order."""
+        rows = self.rows
+
+        def current(image_id: str) -> bool:
+            row = rows.get(image_id)
+            return (
+                row is not None
+                and row.sha1 == sha1s[image_id]
+                and (encoders is None or row.encoder == encoders[image_id])
+            )
+
+        return [i for i in sha1s if not current(i)]
+
+
+def open_store(root: Path) -> FeatureStore | None:
+    """The store under ``root``, or None when there is none yet (no manifest)."""
+    return FeatureStore(root) if FeatureStore.is_complete(root) else None
+
+
+def missing_message(root: Path, stale: list[str], total: int) -> str:
+    """What to do when ``stale`` of ``total`` images are not (or no longer) in the store."""
+    shown = ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else "")
+    return (
+        f"{root}: {len(stale)} of {total} image(s) are not in the features store or were "
+        f"embedded from other content ({shown}): run the features stage first"
+    )
 
 
 def image_path(image_id: str) -> str:

@@ -56,7 +56,7 @@ def stain_settings(stain: Any, entries: list[IndexEntry], split: str) -> dict:
         raise ValueError(f"stain.method must be macenko or none, got {stain['method']!r}")
     settings = {k: stain[k] for k in STAIN_KEYS}
     if stain["reference"] == "auto":
-        settings["reference"] = "auto:" + bach.data_fingerprint(entries)
+        settings["reference"] = "auto:" + bach.content_fingerprint(entries)
     elif stain["reference"] == "train":
         settings["reference"] = "train:" + split
     else:

@@ -9,7 +9,11 @@ images (``Trainer.predict``) and keeps each image as soon as it is done, so an i
 stage resumes with the images it had not finished; rank 0 alone then writes the store, one
 image in memory at a time. With ``image.train_features=oof`` each training image is embedded
 by the out-of-fold patch model that did not train on it, and each image records which patch
-model embedded it.
+model embedded it. The store holds no label and no side, and each image records the content it
+was embedded from: a rerun embeds only the images that are new or changed (a frozen encoder's
+store serves every split and every labelling of the same images). ``features.view`` says what
+the rows embed (``breastnet.inference.embedder``): the tiles, the whole image (one row) or both
+(each tile's features beside the whole image's).
 """
 
 import json
@@ -26,10 +30,10 @@ from omegaconf import DictConfig
 from breastnet import CLASSES
 from breastnet.data import feature_store
 from breastnet.data.datamodule import BreastDataModule
-from breastnet.data.feature_store import FeatureStore, Row
+from breastnet.data.feature_store import Row, open_store
 from breastnet.data.splits import SIDES
 from breastnet.distributed import locked_on_rank_zero, on_rank_zero
-from breastnet.inference.embedder import Embedder
+from breastnet.inference.embedder import Embedder, view_settings
 from breastnet.inference.models import load_patch_model
 from breastnet.inference.runner import read_part, run_parts
 from breastnet.lineage import Lineage
@@ -40,33 +44,60 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Extract (or reuse) features of every image; returns patch-wise accuracy per split (none
-    for a frozen encoder: it has no trained patch head)."""
+    """Extract the features of every image the store lacks or holds from other content (or
+    reuse them all); returns patch-wise accuracy per split (none for a frozen encoder: it has
+    no trained patch head)."""
     lineage = Lineage(cfg)
     out = lineage.features
     with locked_on_rank_zero(out):  # of two jobs with this key, one extracts
-        if not FeatureStore.is_complete(out):
-            _extract(cfg, lineage, out)
+        datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
+        datamodule.setup()
+        records = datamodule.prepared.records  # images that failed to tile have none
+        plan = [
+            (model, [i for i in ids if i in records])
+            for model, ids in _assignments(cfg, lineage, datamodule)
+        ]
+        sha1 = {e.image_id: e.sha1 for e in datamodule.prepared.entries}
+        encoders = {i: model.patch.name for model, ids in plan for i in ids}
+        sha1s = {i: sha1[i] for i in encoders}
+        store = open_store(out)
+        todo = set(store.stale(sha1s, encoders) if store else sha1s)
+        if todo:
+            _extract(cfg, lineage, datamodule, plan, todo, out)
+            on_rank_zero(lambda: _save(cfg, lineage, datamodule, sha1s, encoders, todo, out))
         else:
             log.info("features already extracted: %s", out)
     return json.loads((out / "metrics.json").read_text())
 
 
-def _extract(cfg: DictConfig, lineage: Lineage, out: Path) -> None:
-    datamodule: BreastDataModule = instantiate(cfg.data, mode="image")
-    datamodule.setup()
-    parts = out.with_name(f"{out.name}.parts")
-    embedded: dict[str, str] = {}  # image id -> the patch/<key> that embeds it
-    for model, ids in _assignments(cfg, lineage, datamodule):
-        dataset, ids = datamodule.inference_images(image_ids=ids)
+def _extract(
+    cfg: DictConfig,
+    lineage: Lineage,
+    datamodule: BreastDataModule,
+    plan: list[tuple[Lineage, list[str]]],
+    todo: set[str],
+    out: Path,
+) -> None:
+    """Embed the ``todo`` images, each by the patch model ``plan`` gives it, into per-image
+    parts beside the store (resumable)."""
+    if len(todo) < sum(len(ids) for _, ids in plan):
+        log.info("features: %d image(s) new or changed since %s was written", len(todo), out)
+    for model, ids in plan:
+        dataset, ids = datamodule.inference_images(image_ids=[i for i in ids if i in todo])
+        if not ids:
+            continue
         net = load_patch_model(cfg, model).net
         if lineage.frozen:
             _check_scale(cfg, net)
-        embedder = Embedder(net, chunk_size=cfg.features.batch_size, tta=cfg.features.tta)
+        views = view_settings(cfg)
+        embedder = Embedder(net, chunk_size=cfg.features.batch_size, tta=cfg.features.tta, **views)
         name = "features" if model.inner is None else f"features (oof {model.inner[0]})"
-        run_parts(cfg, embedder, dataset, ids, parts / model.patch.name, name)
-        embedded |= dict.fromkeys(ids, model.patch.name)
-    on_rank_zero(lambda: _save(cfg, lineage, datamodule, embedded, out, parts))
+        run_parts(cfg, embedder, dataset, ids, _parts(out) / model.patch.name, name)
+
+
+def _parts(out: Path) -> Path:
+    """Where an interrupted extraction keeps the images it finished."""
+    return out.with_name(f"{out.name}.parts")
 
 
 def _check_scale(cfg: DictConfig, net: PatchNet) -> None:
@@ -106,46 +137,60 @@ def _save(
     cfg: DictConfig,
     lineage: Lineage,
     datamodule: BreastDataModule,
-    embedded: dict[str, str],
+    sha1s: dict[str, str],
+    encoders: dict[str, str],
+    todo: set[str],
     out: Path,
-    parts: Path,
 ) -> None:
-    """Write the store from the per-image ``parts``, one image in memory at a time: each
-    image's file, the patch accuracy per split (``metrics.json``) and, last, the manifest;
-    then drop the parts."""
+    """Write the ``todo`` images' files from their parts, one image in memory at a time, keep
+    the store's other rows, then the patch accuracy per split (``metrics.json``) and, last,
+    the manifest; then drop the parts."""
     prepared = datamodule.prepared
-    labels = prepared.labels
-    rows, metrics, width = [], {}, 0
-    for side in SIDES:
-        truth, preds = [], []  # of the tissue patches, as the patch stage counts them
-        for image_id in prepared.split[side]:
-            if image_id not in embedded:
-                continue
-            record = prepared.records[image_id]
-            output = read_part(parts / embedded[image_id], image_id, "features")
-            tissue = torch.tensor(record["tissue"])
-            counted = output["probs"].argmax(1)[tissue >= datamodule.hparams.min_tissue]
-            preds.append(counted.numpy())
-            truth.append(np.full(len(counted), labels[image_id]))
-            arrays = {
-                "features": output["features"],  # N x D
-                "probs": output["probs"],  # N x C
-                "positions": torch.tensor(record["positions"]),  # N x 2 (row, col)
-                "tissue": tissue,
-            }
-            feature_store.write_image(out, image_id, arrays)
-            n, width = arrays["features"].shape
-            path = feature_store.image_path(image_id)
-            rows.append(Row(image_id, path, n, width, embedded[image_id], side, labels[image_id]))
-        if not lineage.frozen:  # a frozen encoder's head is zero: no patch accuracy to give
-            found = accuracy(np.concatenate(truth), np.concatenate(preds)) if truth else None
-            metrics[f"features/patch_acc_{side}"] = found or 0.0
+    store = open_store(out)
+    rows = dict(store.rows) if store else {}
+    for image_id in sorted(todo):
+        record = prepared.records[image_id]
+        output = read_part(_parts(out) / encoders[image_id], image_id, "features")
+        positions, tissue = torch.tensor(record["positions"]), torch.tensor(record["tissue"])
+        if cfg.features.view == "whole":  # one row: the whole image, at the grid's origin
+            positions, tissue = torch.zeros((1, 2), dtype=positions.dtype), tissue.mean(0, True)
+        arrays = {
+            "features": output["features"],  # N x D (1 x D: whole; N x 2D: both)
+            "probs": output["probs"],  # N x C
+            "positions": positions,  # N x 2 (row, col)
+            "tissue": tissue,
+        }
+        feature_store.write_image(out, image_id, arrays)
+        n, width = arrays["features"].shape
+        path = feature_store.image_path(image_id)
+        rows[image_id] = Row(image_id, path, n, width, encoders[image_id], sha1s[image_id])
+    # a frozen encoder's head is zero: no patch accuracy to give
+    metrics = {} if lineage.frozen else _patch_accuracy(out, rows, datamodule)
     meta = {
         "classes": list(CLASSES),
         "tta": cfg.features.tta,
+        "view": cfg.features.view,
         "train_features": cfg.image.train_features,
         "frozen": lineage.frozen,
-        "width": width,
+        "width": next(iter(rows.values())).width,
     }
-    feature_store.finish(out, rows, meta, metrics)
-    shutil.rmtree(parts, ignore_errors=True)
+    feature_store.finish(out, rows.values(), meta, metrics)
+    shutil.rmtree(_parts(out), ignore_errors=True)
+
+
+def _patch_accuracy(
+    out: Path, rows: dict[str, Row], datamodule: BreastDataModule
+) -> dict[str, float]:
+    """Patch-wise accuracy of the stored probabilities on each split side, of the tissue
+    patches as the patch stage counts them, against the current labels."""
+    prepared, metrics = datamodule.prepared, {}
+    for side in SIDES:
+        truth, preds = [], []
+        for image_id in (i for i in prepared.split[side] if i in rows):
+            image = torch.load(out / rows[image_id].path, weights_only=True)
+            counted = image["probs"].argmax(1)[image["tissue"] >= datamodule.hparams.min_tissue]
+            preds.append(counted.numpy())
+            truth.append(np.full(len(counted), prepared.labels[image_id]))
+        found = accuracy(np.concatenate(truth), np.concatenate(preds)) if truth else None
+        metrics[f"features/patch_acc_{side}"] = found or 0.0
+    return metrics

@@ -60,8 +60,7 @@ def generate(args: argparse.Namespace) -> None:
                 args.tiles,
                 args.width,
                 "g",
-                "train",
-                i % 4,
+                f"{i:040x}",
             )
         )
         images[image_id] = {**arrays, "label": i % 4, "split": "train"}
@@ -97,7 +96,7 @@ def one_epoch(args: argparse.Namespace) -> None:
         dataset: Dataset = WholeFile(args.dir / "features.pt")
     else:
         store = FeatureStore(args.dir / "store")
-        dataset = FeatureDataset(store, list(store))
+        dataset = FeatureDataset(store, list(store), {i: k % 4 for k, i in enumerate(store)})
     head = torch.nn.Linear(args.width, 4)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
     for batch in DataLoader(dataset, batch_size=16, shuffle=True, collate_fn=pad_collate):
