@@ -6,15 +6,16 @@ salted with ``FORMAT`` (bumped when what an artifact holds changes, so no old on
 
     index    <- data_dir, labels_csv, label_map, and what makes a file usable: the smallest
                 size (a tile under fit=trim, else 1 px), mpp, skip_bad
-    split    <- index (data fingerprint), ratios/folds or the fixed split (eva, a split file's
-                content), val share, split seed, source grouping
+    split    <- index (data fingerprint), ratios/folds or the fixed split (eva: its BACH
+                names; a split file's content), val share, split seed, the resolved groups
     inner    <- split, inner fold k of K (the out-of-fold patch models)
-    stain    <- stain settings, the reference (auto: the data fingerprint; train: the split;
-                a file: its sha1)
+    stain    <- stain settings, the reference (auto: the images' contents, not their labels;
+                train: the split; a file: its sha1)
     cache    <- index key, stain, tiling (pixel size and fit rule when not the defaults)
     patch    <- cache, split (or inner split), augmentation, global batch, patch model
                 (its weights file by content hash), training settings, seed; a frozen
-                encoder: cache and network alone (every split shares its features);
+                encoder: cache, network and precision alone (every split and every
+                labelling shares its features: the store holds no label);
                 ``patch.refit``: the model chosen on val (those keys), refitted
     features <- patch, TTA; out-of-fold: the number of inner patch models
     image    <- features (end to end: patch), image model, image stage settings, seed;
@@ -82,11 +83,14 @@ def patch_model_settings(patch_model: Any) -> dict:
     return settings
 
 
-def features_key(patch: str, tta: bool, oof_folds: int | None) -> str:
-    """Key of the features of patch model ``patch`` (with the out-of-fold models' number)."""
+def features_key(patch: str, tta: bool, oof_folds: int | None, view: str = "tiles") -> str:
+    """Key of the features of patch model ``patch`` (with the out-of-fold models' number and
+    ``features.view``)."""
     settings: dict[str, Any] = {"patch": patch, "tta": tta}
     if oof_folds:  # in-sample features keep the key they had before oof existed
         settings["oof_folds"] = oof_folds
+    if view != "tiles":  # tile features keep the key they had before views existed
+        settings["view"] = view
     return artifact_key(settings)
 
 
@@ -119,7 +123,7 @@ class Lineage:
     @cached_property
     def outer_split(self) -> Path:
         """The split file of ``data.split``/``data.folds`` (the one the report scores)."""
-        name = split_name(self.split_spec, bach.data_fingerprint(self.entries))
+        name = split_name(self.split_spec, self.entries)
         return self.work_dir / "splits" / f"{name}.json"
 
     @cached_property
@@ -187,7 +191,8 @@ class Lineage:
         if self.frozen:  # what trains and how is moot, and so is the split: every image is
             # embedded alike, so the folds and seeds of a sweep share one set of features
             net = {k: v for k, v in model["net"].items() if k not in TRAINING_NET_KEYS}
-            settings = {"cache": self.cache.name, "encoder": net}
+            precision = str(cfg.trainer.precision)  # bf16 and fp32 features differ
+            settings = {"cache": self.cache.name, "encoder": net, "precision": precision}
             return self.work_dir / "patch" / artifact_key(settings)
         found = artifact_key(
             {
@@ -207,7 +212,8 @@ class Lineage:
     @cached_property
     def features(self) -> Path:
         """``work_dir/features/<key>/``: the features store (``breastnet.data.feature_store``)."""
-        key = features_key(self.patch.name, self.cfg.features.tta, self.oof_folds)
+        settings = self.cfg.features
+        key = features_key(self.patch.name, settings.tta, self.oof_folds, settings.view)
         return self.work_dir / "features" / key
 
     @cached_property

@@ -42,6 +42,10 @@ TABLE = {
     "predict.mpp=0.3": {"predict"},
     "predict.input=/data/elsewhere": {"predict"},
     "stain=none": DOWNSTREAM["cache"],
+    # a relabel names another index and split, but tiles nothing again (the stain reference
+    # is picked from the pixels alone): the cache stays, what trained on labels moves
+    "data.label_map={InSitu:Invasive,Invasive:InSitu}": DOWNSTREAM["split"] - {"cache"}
+    | {"index"},
     "data.split_seed=7": DOWNSTREAM["split"] - {"cache"},
     "data.groups=blocks:1": DOWNSTREAM["split"] - {"cache"},
     "data.folds=2": DOWNSTREAM["split"] - {"cache"},
@@ -98,6 +102,46 @@ def test_what_a_change_moves(indexed: tuple[Path, Path], override: str) -> None:
     assert moved == TABLE[override]
 
 
+# A label-CSV column edited in place (the same settings, the same index key) -> the two
+# values swapped: the split, and what was made on it, must move.
+CSV_EDITS = {
+    # a corrected BACH-name column: two images trade eva's sides
+    "bach_name": (
+        ("data.split=eva", "data.val_fraction=0", "data.bach_names=bach_name"),
+        ("b001.tif", "b042.tif"),
+    ),
+    # a corrected group column: two images trade patients
+    "patient": (("data.groups=patient",), ("PNormal0", "PBenign0")),
+}
+BACH_NUMBERS = {  # per class two BACH images eva trains on, two it reports
+    "Normal": ("n001", "n011", "n050", "n051"),
+    "Benign": ("b001", "b011", "b042", "b043"),
+    "InSitu": ("is001", "is011", "is041", "is042"),
+    "Invasive": ("iv001", "iv011", "iv042", "iv043"),
+}
+
+
+@pytest.mark.parametrize("column", sorted(CSV_EDITS))
+def test_a_label_csv_column_corrected_in_place_moves_the_split(
+    indexed: tuple[Path, Path], tmp_path: Path, column: str
+) -> None:
+    overrides, (a, b) = CSV_EDITS[column]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "file,label,bach_name,patient\n"
+        + "".join(
+            f"{c}/{c[:2].lower()}{i:03d}.png,{c},{name}.tif,P{c}{i}\n"
+            for c in CLASSES
+            for i, name in enumerate(BACH_NUMBERS[c])
+        )
+    )
+    base = keys(indexed, f"data.labels_csv={labels}", *overrides)
+    labels.write_text(labels.read_text().replace(a, "\0").replace(b, a).replace("\0", b))
+    changed = keys(indexed, f"data.labels_csv={labels}", *overrides)
+    moved = {name for name in ARTIFACTS if base[name] != changed[name]}
+    assert moved == DOWNSTREAM["split"] - {"cache"}
+
+
 def test_a_frozen_encoder_shares_its_features_across_splits(indexed: tuple[Path, Path]) -> None:
     """A fixed encoder embeds every image alike: the folds of a sweep reuse one features
     store, and each fold still trains and reports its own image model."""
@@ -109,6 +153,27 @@ def test_a_frozen_encoder_shares_its_features_across_splits(indexed: tuple[Path,
         assert folds[0][name] != folds[1][name]
     trained = [keys(indexed, "data.folds=2", f"data.fold={k}") for k in range(2)]
     assert trained[0]["features"] != trained[1]["features"]
+
+
+@pytest.mark.parametrize(
+    ("override", "moves"),
+    [
+        # labels and sides are joined from the index: the features stay, the image model moves
+        ("data.label_map={InSitu:Invasive,Invasive:InSitu}", {"index", "split", "image"}),
+        ("stain=none", {"cache", "patch", "features", "image"}),
+        # bf16 features are not fp32 features
+        ("trainer.precision=bf16-mixed", {"patch", "features", "image"}),
+        # what trains is moot for a fixed encoder
+        ("patch_model.optimizer.lr=0.5", set()),
+    ],
+)
+def test_what_moves_a_frozen_encoders_features(
+    indexed: tuple[Path, Path], override: str, moves: set[str]
+) -> None:
+    base = keys(indexed, "patch_model.freeze=true")
+    changed = keys(indexed, "patch_model.freeze=true", override)
+    moved = {name for name in ARTIFACTS if base[name] != changed[name]}
+    assert moved - {"report", "predict"} == moves  # those follow the image model
 
 
 def test_a_format_version_moves_every_key(

@@ -13,7 +13,7 @@ from breastnet.artifacts import finished_metrics
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError, IndexEntry
 from breastnet.data.feature_store import FeatureStore
-from breastnet.data.splits import inner_folds, inner_split
+from breastnet.data.inner import inner_folds, inner_split
 from breastnet.inference.models import load_patch_model
 from breastnet.lineage import Lineage
 from breastnet.models.embedding import embed_patches
@@ -52,8 +52,9 @@ def test_oof_training_features_come_from_models_that_never_saw_the_image(
     store = FeatureStore(lineage.features)
     saved = {"images": {i: store.load(i) for i in store}}
     assert store.meta["train_features"] == "oof"
+    training = set(outer["train"])
     for image_id, image in saved["images"].items():
-        if image["split"] == "train":
+        if image_id in training:
             assert image["patch_model"] in splits, image_id
             assert image_id not in splits[image["patch_model"]]["train"]
         else:

@@ -12,8 +12,9 @@ from breastnet import CLASSES
 from breastnet.cli import run_stages
 from breastnet.data.bach import DataError, IndexEntry
 from breastnet.data.groups import resolve_groups
+from breastnet.data.protocols import SIDES, crossing_groups
 from breastnet.data.published import BachName, bach_patients, eva_side, parse_bach_name
-from breastnet.data.splits import SIDES, SplitSpec, crossing_groups, make_split
+from breastnet.data.splits import SplitSpec, make_split
 from breastnet.lineage import Lineage
 from breastnet.synthetic import write_synthetic_dataset
 

@@ -10,16 +10,8 @@ from breastnet import CLASSES
 from breastnet.artifacts import config_hash
 from breastnet.data.bach import DataError, IndexEntry, data_fingerprint
 from breastnet.data.groups import resolve_groups
-from breastnet.data.splits import (
-    SIDES,
-    SplitSpec,
-    crossing_groups,
-    holdout_split,
-    kfold_split,
-    load_or_make_split,
-    split_name,
-    split_summary,
-)
+from breastnet.data.protocols import SIDES, crossing_groups, holdout_split, kfold_split
+from breastnet.data.splits import SplitSpec, load_or_make_split, split_name, split_summary
 
 
 def entries(per_class: int = 50) -> list[IndexEntry]:
@@ -108,22 +100,27 @@ def test_split_seed_replaces_seed_for_the_split(tmp_path: Path) -> None:
     a, a_path = load_or_make_split(tmp_path, entries(10), a_spec)
     b, b_path = load_or_make_split(tmp_path, entries(10), b_spec)
     assert a == b == holdout_split(entries(10), seed=7) and a_path == b_path
-    assert a_path.stem == split_name(SplitSpec(seed=7), data_fingerprint(entries(10)))
+    assert a_path.stem == split_name(SplitSpec(seed=7), entries(10))
 
 
-def test_split_name_carries_the_grouping() -> None:
-    assert split_name(SplitSpec(seed=3, groups="blocks:10"), "abc") == (
-        "holdout-0.7-0.2-0.1-groups_blocks10-seed3-abc"
+def test_split_name_carries_the_grouping(tmp_path: Path) -> None:
+    data = entries(10)
+    fingerprint = data_fingerprint(data)
+    blocks = config_hash({"groups": resolve_groups(data, "blocks:10")}, 8)
+    assert split_name(SplitSpec(seed=3, groups="blocks:10"), data) == (
+        f"holdout-0.7-0.2-0.1-groups_blocks10-seed3-{fingerprint}-{blocks}"
     )
-    assert split_name(SplitSpec(folds=5, fold=2, seed=3, groups="patient"), "abc") == (
-        "kfold5-fold2-groups_col-patient-seed3-abc"
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "file,label,patient\n" + "".join(f"{e.image_id},{e.label},P{e.sha1}\n" for e in data)
     )
-    assert split_name(SplitSpec(folds=5, fold=2, seed=3), "abc") == "kfold5-fold2-seed3-abc"
-    # the val share of a k-fold split, when not the paper's ratios, and the BACH-name column
+    patient = SplitSpec(folds=5, fold=2, seed=3, groups="patient", labels_csv=str(labels))
+    assert split_name(patient, data).startswith("kfold5-fold2-groups_col-patient-seed3-")
+    by_image = f"kfold5-fold2-seed3-{fingerprint}"
+    assert split_name(SplitSpec(folds=5, fold=2, seed=3), data) == by_image
+    # the val share of a k-fold split, when not the paper's ratios
     other = SplitSpec(split=(0.6, 0.2, 0.2), folds=5, fold=2, seed=3)
-    assert split_name(other, "abc") == "kfold5-fold2-split0.6-0.2-0.2-seed3-abc"
-    eva = SplitSpec(split="eva", seed=3, groups="bach", bach_names="bach_name")
-    assert split_name(eva, "abc") == "eva-val0.2-groups_bach-names_bach_name-seed3-abc"
+    assert split_name(other, data) == f"kfold5-fold2-split0.6-0.2-0.2-seed3-{fingerprint}"
 
 
 def class_counts(ids: list[str]) -> Counter:

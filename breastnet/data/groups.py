@@ -2,6 +2,10 @@
 
 A spec is one of:
 
+- ``"auto"`` (``data=bach``'s default): what the data in hand give (``resolve_spec``): BACH's
+  patients (``bach``) when ``data.bach_names`` is set or every file has a BACH name, else a
+  ``patient`` or ``group`` column of the label CSV that gives every image one, else by image,
+  with one warning that the numbers are optimistic if images share a source.
 - ``None``: every image is its own group (split by image).
 - ``"bach"``: BACH's official patient id where the organisers give one
   (``breastnet.data.published``), else the ``blocks:10`` group of the image's BACH number: the
@@ -16,6 +20,7 @@ A spec is one of:
 """
 
 import csv
+import logging
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,15 +29,28 @@ from breastnet.artifacts import config_hash
 from breastnet.data.bach import DataError, IndexEntry, find_label_csv
 from breastnet.data.published import BachName, bach_patients, parse_bach_name
 
+log = logging.getLogger(__name__)
+
 _NUMBER = re.compile(r"\d+")
 BACH_BLOCK = 10  # the blocks of file numbers that group BACH's unidentified images
+AUTO = "auto"
+AUTO_COLUMNS = ("patient", "group")  # label-CSV columns that data.groups=auto takes
+_WARNED: set[str] = set()
 
 
-def _parse(spec: str) -> tuple[str, str | int | re.Pattern]:
-    """(kind, argument) of a spec: ("bach", None), ("blocks", K), ("regex", compiled) or
-    ("column", name)."""
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log a warning about the data once per process: every stage and rank resolves the same
+    split, and one warning is read where a dozen are skipped."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def _parse(spec: str) -> tuple[str, str | int | re.Pattern | None]:
+    """(kind, argument) of a resolved spec (``resolve_spec``): ("bach", None), ("blocks", K),
+    ("regex", compiled) or ("column", name)."""
     if spec == "bach":
-        return "bach", None
+        return spec, None
     kind, _, arg = spec.partition(":")
     if kind == "blocks":
         if not arg.isdigit() or int(arg) < 1:
@@ -48,13 +66,13 @@ def _parse(spec: str) -> tuple[str, str | int | re.Pattern]:
         return kind, pattern
     if not spec.strip():
         raise ValueError(
-            "data.groups must be null, bach, blocks:K, regex:<pattern> or a CSV column"
+            "data.groups must be null, auto, bach, blocks:K, regex:<pattern> or a CSV column"
         )
     return "column", spec
 
 
 def spec_token(spec: str) -> str:
-    """A file-name-safe token for a spec: ``bach``, ``blocks10``, ``regex-<hash>``,
+    """A file-name-safe token for a resolved spec: ``bach``, ``blocks10``, ``regex-<hash>``,
     ``col-patient``."""
     kind, arg = _parse(spec)
     if kind == "bach":
@@ -76,14 +94,17 @@ def _relative(entry: IndexEntry) -> str:
     return entry.image_id + Path(entry.path).suffix
 
 
-def _block(entry: IndexEntry, size: int) -> str:
-    """``class/number // size`` of the last number in the file name."""
+def _block(entry: IndexEntry, size: int, spec: str | None = None) -> str:
+    """``class/number // size`` of the last number in the file name (``spec``: the setting
+    that asked for it, for the error)."""
     name = Path(entry.image_id).name
     numbers = _NUMBER.findall(name)
     if not numbers:
         raise DataError(
-            f"{entry.path}: data.groups=blocks:{size} needs a number in the file name, "
-            f"{name!r} has none"
+            f"{entry.path}: data.groups={spec or f'blocks:{size}'} needs a number in the file "
+            f"name (blocks of {size}), {name!r} has none: name the sources with "
+            "data.groups=<label-CSV column>, or data.groups=auto to group by image what has "
+            "no source"
         )
     return f"{entry.label}/{int(numbers[-1]) // size}"
 
@@ -102,7 +123,7 @@ def _bach_group(entry: IndexEntry, name: BachName | None) -> str:
     """The organisers' patient, else the block of BACH numbers (of the file's number when the
     file has no BACH name: another data set, grouped as ``blocks:10``)."""
     if name is None:
-        return _block(entry, BACH_BLOCK)
+        return _block(entry, BACH_BLOCK, "bach")
     if (patient := bach_patients().get(name)) is not None:
         return f"patient{patient}"
     return f"{name.label}/{name.number // BACH_BLOCK}"
@@ -168,6 +189,73 @@ def bach_names(
     return names
 
 
+def _header(path: Path) -> list[str]:
+    """The first row of a CSV, its cells stripped."""
+    with open(path, newline="") as f:
+        first = next((row for row in csv.reader(f) if row and row[0].strip()), [])
+    return [cell.strip() for cell in first]
+
+
+def _auto_column(path: Path | None, usable: list[IndexEntry]) -> tuple[str | None, str]:
+    """The label CSV's patient or group column if it gives every image a group, else None
+    and why not (for the warning)."""
+    if path is None:
+        return None, "there is no label CSV"
+    path = path.resolve()  # one message, whether data_dir came resolved or not
+    column = next((h for h in _header(path)[1:] if h.lower() in AUTO_COLUMNS), None)
+    if column is None:
+        return None, f"the label CSV {path} has no {' or '.join(AUTO_COLUMNS)} column"
+    values = _csv_column(path, column)
+    if lacking := [e.path for e in usable if not _csv_value(values, e)]:
+        return None, (
+            f"the {column!r} column of {path} leaves {len(lacking)} image(s) without one "
+            f"(e.g. {lacking[0]})"
+        )
+    return column, ""
+
+
+def resolve_spec(
+    entries: Iterable[IndexEntry],
+    spec: str | None,
+    data_dir: str | Path | None = None,
+    labels_csv: str | Path | None = None,
+    names_column: str | None = None,
+) -> str | None:
+    """What ``spec`` comes to for these images: ``auto`` resolved, any other spec as it is.
+
+    ``auto`` is ``bach`` when ``names_column`` (``data.bach_names``) is set or every file
+    name is a BACH name; else the label CSV's ``patient`` or ``group`` column when it gives
+    every image one; else None (by image), with one warning that names the ways to give
+    groups. A single odd file name never stops a run: it makes the data set by image.
+    """
+    if spec != AUTO:
+        return spec
+    usable = [e for e in entries if e.usable]
+    unnamed = [e.path for e in usable if parse_bach_name(Path(e.path).name) is None]
+    if names_column is not None or (usable and not unnamed):
+        return "bach"
+    path = find_label_csv(Path(data_dir or "."), labels_csv) if data_dir or labels_csv else None
+    column, why = _auto_column(path, usable)
+    if column is not None or not usable:
+        return column
+    names = (
+        "no file has a BACH name"
+        if len(unnamed) == len(usable)
+        else f"{len(unnamed)} of {len(usable)} files have no BACH name (e.g. {unnamed[0]}; "
+        "a renamed copy of BACH sets data.bach_names=<label-CSV column of BACH names>)"
+    )
+    warn_once(
+        log,
+        f"data.groups=auto found no source groups: {names}, and {why}. Each image is its "
+        "own group, so numbers on this split are optimistic if images share a source (a "
+        "patient, a slide): give the sources with data.groups=<label-CSV column> (a header "
+        "such as file,label,patient), data.groups=blocks:K (class + file number // K) or "
+        "data.groups='regex:<pattern>' (its first group in the file's path), or set "
+        "data.groups=null to split by image without this warning",
+    )
+    return None
+
+
 def resolve_groups(
     entries: Iterable[IndexEntry],
     spec: str | None,
@@ -179,11 +267,11 @@ def resolve_groups(
 
     Args:
         entries: the index (unusable entries are left out).
-        spec: ``None``, ``"bach"``, ``"blocks:K"``, ``"regex:<pattern>"`` or a label CSV
-            column.
+        spec: ``None``, ``"auto"`` (``resolve_spec``), ``"bach"``, ``"blocks:K"``,
+            ``"regex:<pattern>"`` or a label CSV column.
         data_dir: where BACH's ground-truth CSV is looked for (column specs only).
         labels_csv: the label CSV (column specs only; default: found in ``data_dir``).
-        names_column: ``data.bach_names`` (``bach`` only): see ``bach_names``.
+        names_column: ``data.bach_names`` (``bach`` and ``auto``): see ``bach_names``.
 
     Returns:
         image_id -> group (the image id itself when ``spec`` is None).
@@ -193,6 +281,7 @@ def resolve_groups(
             match, or which the CSV leaves without a group; or the CSV that lacks the column.
     """
     usable = [e for e in entries if e.usable]
+    spec = resolve_spec(usable, spec, data_dir, labels_csv, names_column)
     if spec is None:
         return {e.image_id: e.image_id for e in usable}
     kind, arg = _parse(spec)

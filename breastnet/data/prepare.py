@@ -52,11 +52,11 @@ class PreparedData:
 
 
 def build_index(work_dir: Path, data: Mapping[str, Any]) -> list[IndexEntry]:
-    """Index the data set of ``data`` under the index file's lock, reusing what an earlier
-    index of these settings decoded; returns its entries."""
+    """Index the data set of ``data`` under the index file's lock, reusing what any earlier
+    index in the work dir decoded; returns its entries."""
     path = keys.index_path(work_dir, data)
     with locked(path):
-        previous = bach.read_index(path) if path.is_file() else None
+        own = bach.read_index(path) if path.is_file() else None
         entries = bach.build_index(
             data["data_dir"],
             data["labels_csv"],
@@ -64,12 +64,19 @@ def build_index(work_dir: Path, data: Mapping[str, Any]) -> list[IndexEntry]:
             mpp=data["mpp"],
             skip_bad=data["skip_bad"],
             num_workers=data["prepare_workers"],
-            previous=previous,
+            previous=_decoded(path.parent),
             label_map=data.get("label_map"),
         )
-        if entries != previous:
+        if entries != own:
             bach.write_index(path, entries)
     return entries
+
+
+def _decoded(index_dir: Path) -> list[IndexEntry]:
+    """Every file any index in ``index_dir`` decoded: a file is decoded and hashed once per
+    work dir, whatever the tiling, pixel size or label settings of the index asking
+    (``bach.build_index`` reuses an entry only while the file's path, size and mtime match)."""
+    return [e for index in sorted(index_dir.glob("*.csv")) for e in bach.read_index(index)]
 
 
 def build(data: Mapping[str, Any]) -> PreparedData:
@@ -127,7 +134,7 @@ def _locate(
     """The split, stain reference (``fit``: fitted when missing) and cache of ``entries``,
     without the cache's records."""
     folder = Path(data["data_dir"]).expanduser().resolve()
-    spec = SplitSpec.from_data({**data, "data_dir": folder})
+    spec = SplitSpec.from_data({**data, "data_dir": folder}).resolved(entries)
     with locked(work_dir / "splits"):  # one writer of split files at a time
         outer, outer_path = load_or_make_split(work_dir, entries, spec)
         split, split_path = (
