@@ -90,6 +90,7 @@ def test_ddp_whole_pipeline_two_processes(tmp_path: Path) -> None:
         f"predict.input={ext}",
         f"predict.output_dir={predicted}",
         "predict.label_map={Benign:non_carcinoma,Malignant:carcinoma}",
+        "predict.fit=pad",  # the crop: tiled, padded with white
     )
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
     with open(predicted / "predictions.csv", newline="") as f:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -50,7 +51,7 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
+def test_evaluate_writes_the_report_of_the_test_split(trained, capsys) -> None:
     metrics = run_stages(cfg_for(trained, "stages=[evaluate]"))
     # The same model on the same images: the Trainer's test accuracy, recomputed from the report.
     assert metrics["eval/image_accuracy"] == pytest.approx(trained[2]["image/test_acc"])
@@ -86,6 +87,15 @@ def test_evaluate_writes_the_report_of_the_test_split(trained) -> None:
     )
     assert metrics["eval/protocol"] == f"{split['name']}: {split['text']}"
     assert saved["balanced_accuracy"] == metrics["eval/balanced_accuracy"]
+    # One line: what was scored, on how many images, beside balanced accuracy and accuracy.
+    assert (
+        "test (hold-out 0.5/0.25/0.25, by image: 4 images; trained on 8 + 4 val): balanced "
+        f"accuracy {saved['balanced_accuracy']:.3f}, accuracy {saved['image_accuracy']:.3f}"
+    ) in capsys.readouterr().out
+    # Generated PNGs carry no pixel size: the tiling's, said to be assumed.
+    inputs = saved["inputs"]
+    assert (inputs["image_mpp"], inputs["untagged_files"], inputs["tiling_mpp"]) == ([], 4, 0.42)
+    assert "4, assumed to be 0.42 µm/px" in page
     assert split["near_duplicates"] == 0 == metrics["eval/near_duplicates"]
     train = json.loads((trained[1] / "work" / "splits" / f"{split['name']}.json").read_text())
     audit = json.loads(
@@ -127,7 +137,7 @@ def test_predict_on_raw_files_matches_evaluate(trained, tmp_path: Path) -> None:
             assert float(row[f"prob_{c}"]) == pytest.approx(float(want[f"prob_{c}"]), abs=2e-3)
 
 
-def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: Path) -> None:
+def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path, caplog) -> None:
     folder = tmp_path / "external"
     for cls in ("Normal", "Invasive"):
         shutil.copytree(trained[0] / cls, folder / cls)
@@ -142,7 +152,6 @@ def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: 
         "stages=[predict]",
         f"predict.input={folder}",
         f"predict.output_dir={out}",
-        "predict.fit=trim",  # the default, overlap, would pad the tiny image to one tile
         "predict.include_training=true",  # copies of training images
     )
     with pytest.raises(DataError, match="2 of 10 file"):
@@ -150,7 +159,13 @@ def test_predict_goes_on_past_bad_files_and_fails_at_the_end(trained, tmp_path: 
     rows = {r["image_id"]: r for r in read_rows(out / "predictions.csv")}
     assert len(rows) == 10
     assert "cannot read image" in rows["Invasive/broken"]["error"]
-    assert "tiny.png: image 20x20 is smaller than one 64x64 tile" in rows["Normal/tiny"]["error"]
+    assert rows["Normal/tiny"]["error"] == (
+        f"{tiny}: 20x20 px, smaller than one 64x64 px tile: refused, as training refuses it "
+        "(predict.fit=pad tiles it, padded with white)"
+    )
+    assert "1 of 10 input image(s) are smaller than one 64 px tile at the models' 0.42" in (
+        caplog.text
+    )
     assert rows["Invasive/broken"]["predicted"] == ""
     good = [r for r in rows.values() if not r["error"]]
     assert len(good) == 8 and all(r["predicted"] for r in good)
@@ -326,10 +341,11 @@ def test_wandb_run_of_predict_alone_holds_config_and_metrics(
     assert config["image_model"]["aggregator"]["_target_"].endswith(".Attention")
 
 
-@pytest.mark.parametrize(("fit", "n_patches"), [("pad", 2), ("overlap", 2), ("trim", 0)])
-def test_predict_one_small_file_under_each_fit_rule(trained, tmp_path, capsys, fit, n_patches):
+@pytest.mark.parametrize("fit", ["pad", "overlap", "trim"])
+def test_predict_one_small_file_under_each_fit_rule(trained, tmp_path, capsys, caplog, fit):
     """A 700x460 file at 0.0525 µm/px (BreakHis 400X-like) is 88x58 px at the models' 0.42:
-    smaller than one 64 px tile in height. pad and overlap give it 2 patches; trim refuses it."""
+    smaller than one 64 px tile in height. pad gives it 2 patches, mostly white, and says so;
+    overlap and trim refuse it, as training does."""
     image = cv2.resize(np.asarray(Image.open(trained[0] / "InSitu" / "is000.png")), (700, 460))
     path = write_image(tmp_path / "slide.png", image)
     out = tmp_path / "out"
@@ -341,19 +357,29 @@ def test_predict_one_small_file_under_each_fit_rule(trained, tmp_path, capsys, f
         "predict.mpp=0.0525",
         f"predict.fit={fit}",
     )
-    if fit == "trim":
-        with pytest.raises(
-            DataError,
-            match=r"slide.png: 700x460 px at 0.0525 µm/px, at 0.42: image 88x58 is smaller",
-        ):
+    small = "1 input image(s) are smaller than one 64 px tile at the models' 0.42 µm/px"
+    if fit != "pad":
+        refused = (
+            f"{path}: 700x460 px at 0.0525 µm/px is 88x58 px at the models' 0.42 µm/px, "
+            "smaller than one 64x64 px tile: refused, as training refuses it (predict.fit=pad "
+            "tiles it, padded with white)"
+        )
+        with pytest.raises(DataError, match=re.escape(refused)):
             run_stages(cfg)
+        assert f"1 of {small}: refused" in caplog.text
     else:
         run_stages(cfg)
+        tissue = re.search(r"their 2 tile\(s\) are (\d+) % tissue on average", caplog.text)
+        assert f"predict.fit=pad: 1 of {small} and were padded with white" in caplog.text
+        assert tissue is not None and 0 < int(tissue.group(1)) < 100
     (row,) = read_rows(out / "predictions.csv")
-    assert row["n_patches"] == (str(n_patches) if n_patches else "")
+    assert row["n_patches"] == ("2" if fit == "pad" else "")
     assert row["mpp"] == "0.0525"
+    # the file's pixel size beside the tiling's, as predictions.csv has it
+    page = (out / "index.html").read_text()
+    assert "the images: 0.0525 µm/px (predict.mpp), rescaled to the tiling&#x27;s 0.42" in page
     printed = capsys.readouterr().out
-    if n_patches:  # one file: its class and probabilities on the terminal
+    if fit == "pad":  # one file: its class and probabilities on the terminal
         assert f"{path}: {row['predicted']} (Normal {float(row['prob_Normal']):.3f}," in printed
         assert f"carcinoma {float(row['prob_carcinoma']):.3f}) from 2 patches" in printed
 
@@ -362,9 +388,10 @@ def test_predict_on_an_external_set_of_other_sizes_and_label_names(
     trained, tmp_path, caplog, capsys
 ):
     """An external set as another lab hands it over: the training images at half the pixel
-    size (TIFF tags) in 2-class Benign/ and Malignant/ folders, crops smaller than a tile, a
-    4-class folder at the models' pixel size and a folder nothing maps. Every file is
-    readable, so predict exits 0, and it scores the 4-class and the 2-class labels."""
+    size (TIFF tags) in 2-class Benign/ and Malignant/ folders, crops smaller than a tile
+    (padded: predict.fit=pad), a 4-class folder at the models' pixel size and a folder
+    nothing maps. Every file is used, so predict exits 0, and it scores the 4-class and the
+    2-class labels."""
     data, ext = trained[0], tmp_path / "external"
     rescan(data, ext, mpp=0.21)  # 256x192 -> 512x384 TIFFs
     crops = ["InSitu/is001", "Normal/n001"]
@@ -379,9 +406,14 @@ def test_predict_on_an_external_set_of_other_sizes_and_label_names(
         f"predict.output_dir={out}",
         "predict.label_map={Benign:non_carcinoma,Malignant:carcinoma}",
         "predict.include_training=true",  # Normal/ holds copies of training images
+        "predict.fit=pad",
     )
     metrics = run_stages(cfg)
     assert "'Unsorted' (1 file)" in caplog.text
+    assert caplog.text.count("were padded with white") == 1
+    assert "predict.fit=pad: 2 of 23 input image(s) are smaller than one 64 px tile" in (
+        caplog.text
+    )
     # PNG copies and crops without tags, and Unsorted/x.png: said once, with their count.
     assert caplog.text.count("carry no pixel size") == 1
     assert "7 of 23 file(s) carry no pixel size" in caplog.text
@@ -395,7 +427,10 @@ def test_predict_on_an_external_set_of_other_sizes_and_label_names(
     saved = json.loads((out / "metrics.json").read_text())
     assert metrics["predict/image_accuracy"] == saved["image_accuracy"]
     assert saved["n_images"] == 4 and saved["two_class"]["n_carcinoma"] == 8 + 1
-    assert "Carcinoma vs non-carcinoma" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "Carcinoma vs non-carcinoma" in page
+    assert "the images: 0.21 µm/px (TIFF tags, else data.mpp), rescaled to the tiling" in page
+    assert "7, assumed to be 0.42 µm/px" in page
 
     rows = {r["image_id"]: r for r in read_rows(out / "predictions.csv")}
     assert rows["Malignant/iv000"]["label"] == "carcinoma"
@@ -473,17 +508,65 @@ def test_inputs_unlike_the_training_images_are_flagged(trained, tmp_path, caplog
     assert f"far from the training images: {far} of 3 input images" in capsys.readouterr().out
 
 
-def test_a_missing_artifact_names_the_keys_there_and_the_settings_that_differ(trained) -> None:
-    """debug=default's batch limits key new models: the message says features exist under
-    another key and which settings made them."""
+def test_a_missing_artifact_names_the_nearest_and_the_override_to_it(trained) -> None:
+    """debug=default's batch limits key new models: the message's first line names the
+    features of the nearest settings and the override that reaches them."""
     lineage = Lineage(cfg_for(trained))
+    limited = cfg_for(trained, "stages=[image]", "+trainer.limit_train_batches=2")
     with pytest.raises(FileNotFoundError) as caught:
-        run_stages(cfg_for(trained, "stages=[image]", "+trainer.limit_train_batches=2"))
-    message = str(caught.value)
-    assert "not found: run the features stage first" in message
-    # other tests of this module leave features of other settings too: ours is among them
-    assert "holds features of other settings, which key another artifact: " in message
-    assert f"{lineage.features.stem} made with" in message
-    assert "trainer.limit_train_batches=None (here 2)" in message
-    with pytest.raises(FileNotFoundError, match=f"image models? .*{lineage.image.name} made with"):
+        run_stages(limited)
+    assert str(caught.value).splitlines()[0] == (
+        f"{Lineage(limited).features} not found: run the features stage first; the nearest, "
+        f"{lineage.features} (1 setting away): drop trainer.limit_train_batches (or add "
+        "~trainer.limit_train_batches)"
+    )
+    with pytest.raises(FileNotFoundError) as caught:
         run_stages(cfg_for(trained, "stages=[evaluate]", "image.max_epochs=4"))
+    assert (
+        str(caught.value)
+        .splitlines()[0]
+        .endswith(f"; the nearest, {lineage.image} (1 setting away): add image.max_epochs=3")
+    )
+
+
+def test_evaluate_holds_its_report_from_the_first_part_to_the_last(
+    trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second job evaluating the same report (a requeue) waits: the first writes its parts
+    and drops them under one lock, so neither reads parts the other deleted."""
+    from filelock import FileLock, Timeout
+
+    from breastnet.artifacts import lock_path
+    from breastnet.stages import evaluate
+
+    cfg = cfg_for(trained, "stages=[evaluate]", "evaluate.split=val")
+    report = Lineage(cfg).report("val")
+    held = []
+    run_parts = evaluate.predict_images
+
+    def predict_while_locked(*args, **kwargs):
+        try:
+            FileLock(lock_path(report.with_name(f"{report.name}.evaluate"))).acquire(timeout=0)
+            held.append(False)
+        except Timeout:
+            held.append(True)
+        return run_parts(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict_images", predict_while_locked)
+    assert run_stages(cfg)["eval/n_images"] == 4
+    assert held == [True] and not (report / ".parts").exists()
+
+
+def test_predict_drops_its_own_parts_and_no_other_models(trained, tmp_path: Path) -> None:
+    out = tmp_path / "predicted"
+    other = out / ".parts" / "another-model" / "Normal" / "n000.pt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"an interrupted predict of another model")
+    cfg = cfg_for(
+        trained,
+        "stages=[predict]",
+        f"predict.input={trained[0] / 'Normal'}",
+        f"predict.output_dir={out}",
+    )
+    run_stages(cfg)
+    assert other.is_file() and not Lineage(cfg).predict_parts().exists()

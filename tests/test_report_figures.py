@@ -10,7 +10,8 @@ from breastnet import CLASSES
 from breastnet.data.store import Tiling
 from breastnet.data.tiling import tile_image, tile_origins
 from breastnet.report import write_report
-from breastnet.report.figures import _placed, plot_heatmap, plot_tsne
+from breastnet.report.figures import plot_tsne
+from breastnet.report.heatmap import _placed, file_title, plot_heatmap, tag_colour, tag_legend
 
 from conftest import synthetic_results, write_image
 
@@ -71,3 +72,44 @@ def test_heatmap_shows_the_original_when_it_reads(tmp_path: Path) -> None:
     r.path = str(tmp_path / "moved.png")
     without = plot_heatmap(r, store[r.image_id], CLASSES, tmp_path / "without.png")
     assert _green_pixels(without) == 0
+
+
+def test_tsne_of_a_frozen_encoder_marks_no_patch_misclassified(tmp_path: Path) -> None:
+    """A frozen encoder's patches have no class of their own: coloured by class, no crosses
+    and no "misclassified" in the legend."""
+    results, _ = synthetic_results()
+    ok = [r for r in results if r.error is None]
+    scored = plot_tsne(ok, CLASSES, 0.05, 0, tmp_path / "tsne.png")
+    assert scored.legend[-1] == f"misclassified patch ({scored.n_misclassified})"
+    for r in ok:
+        r.patch_probs = None
+    frozen = plot_tsne(ok, CLASSES, 0.05, 0, tmp_path / "tsne.png")
+    assert frozen.n_misclassified == 0
+    assert frozen.legend == [f"{c} ({(3 * 8)})" for c in CLASSES]  # 3 images x 8 tissue tiles
+    assert not any("misclassified" in entry for entry in frozen.legend)
+
+
+def test_heatmap_colours_say_true_and_predicted() -> None:
+    """Green is the true class (and the predicted one when right), red the predicted one
+    when wrong, blue the predicted one of an unlabelled image; the figure says which."""
+    results, _ = synthetic_results(n=1)
+    r = results[0]  # Normal, predicted Normal
+    assert tag_colour(r, 0) == "tab:green" and "red: predicted, wrong" in tag_legend(r)
+    r.probs = np.array([0.1, 0.7, 0.1, 0.1])  # predicted Benign: wrong
+    assert (tag_colour(r, 0), tag_colour(r, 1)) == ("tab:green", "tab:red")
+    r.label, r.label_group = None, 0  # only the group known: Benign is non-carcinoma, right
+    assert tag_colour(r, 1) == "tab:green" and "in the true group" in tag_legend(r)
+    r.label_group = 1
+    assert tag_colour(r, 1) == "tab:red"
+    r.label_group = None
+    assert tag_colour(r, 1) == "tab:blue" and tag_legend(r).endswith("(no label to judge it by)")
+
+
+def test_an_assumed_pixel_size_is_said_over_its_scale_bar() -> None:
+    results, _ = synthetic_results(n=1)
+    r = results[0]
+    assert file_title(r) == "the file, as read"
+    r.mpp = 0.25
+    assert file_title(r) == "the file, as read\n(0.25 µm/px)"
+    r.mpp, r.mpp_assumed = 0.42, True
+    assert file_title(r) == "the file, as read\n(0.42 µm/px, assumed)"

@@ -1,6 +1,7 @@
 """The report folder: metrics.json, predictions.csv and figures hold what they claim."""
 
 import csv
+import html
 import json
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from PIL import Image
 from breastnet import CLASSES
 from breastnet.report import write_report
 from breastnet.report.metrics import classification_metrics, two_class_metrics
+from breastnet.report.writer import NO_HEATMAPS
+from breastnet.stages.common import publish_report
 
-from conftest import synthetic_results
+from conftest import compose_config, synthetic_results
 
 
 def test_report_metrics_equal_classification_metrics(report) -> None:
@@ -26,7 +29,8 @@ def test_report_metrics_equal_classification_metrics(report) -> None:
     expected["two_class"] = two_class_metrics(groups, np.stack([r.probs for r in ok]))
     saved = json.loads((rep.out_dir / "metrics.json").read_text())
     views = {"n_images_by_view": {"4-class": 40, "2-class": 40}}
-    assert saved == rep.metrics == expected | {"n_errors": 1} | views
+    extra = {"n_errors": 1, "below_chance": []} | views
+    assert saved == rep.metrics == expected | extra
     assert saved["n_images"] == 40 and saved["n_patches"] == 40 * 8
     wrong = sorted((r for r in ok if r.predicted != r.label), key=lambda r: -r.probs.max())
     assert rep.misclassified == [r.image_id for r in wrong]
@@ -99,3 +103,50 @@ def test_most_confident_errors_get_heatmaps_first(tmp_path: Path) -> None:
     page = rep.html.read_text()
     captions = [page.index(f"{i}: per-class patch probabilities") for i in expected]
     assert captions == sorted(captions)
+
+
+def test_a_frozen_encoders_report_has_no_patch_accuracy(tmp_path: Path) -> None:
+    """No patch probabilities (a frozen encoder): no patch accuracy in metrics.json or on the
+    page; heatmaps of the image model's per-tile probabilities where it has them."""
+    results, store = synthetic_results(n=8)
+    rng = np.random.default_rng(1)
+    for i, r in enumerate(results[:-1]):
+        r.patch_probs, r.attention = None, None
+        r.tile_probs = rng.dirichlet(np.ones(4), len(r.positions)) if i < 2 else None
+    rep = write_report(tmp_path / "tiles", results, patches=store.__getitem__, n_examples=3)
+    assert "patch_accuracy" not in rep.metrics and "n_patches" not in rep.metrics
+    saved = json.loads((rep.out_dir / "metrics.json").read_text())
+    assert "patch_accuracy" not in saved and saved["image_accuracy"] is not None
+    drawn = sorted(k.removeprefix("heatmap/") for k in rep.figures if k.startswith("heatmap/"))
+    assert drawn == sorted(r.image_id for r in results[:2])  # only those with tile values
+    page = rep.html.read_text()
+    assert "patch accuracy" not in page and "tile probabilities of the image model" in page
+    rows = list(csv.DictReader(rep.predictions_csv.open(newline="")))
+    assert rows[0]["n_patches"] == "9"  # the tiles still count
+    for r in results[:2]:
+        r.tile_probs = None
+    rep = write_report(tmp_path / "none", results, patches=store.__getitem__)
+    assert not [k for k in rep.figures if k.startswith("heatmap/")] and "patch_grid" in rep.figures
+    assert html.escape(NO_HEATMAPS) in rep.html.read_text()
+
+
+def test_below_chance_is_said_in_metrics_json_the_page_and_a_warning(
+    tmp_path: Path, caplog
+) -> None:
+    """Each image's probabilities moved one class on: the model is surely wrong, its
+    accuracy under the commonest class's share and its AUC under 0.5."""
+    results, store = synthetic_results(n=12)
+    for r in results[:-1]:
+        r.probs = np.roll(r.probs, 1)
+    cfg = compose_config(tmp_path, "logger=none", "evaluate.examples=0")
+    rep, _ = publish_report(
+        cfg, tmp_path / "out", results, store.__getitem__, "t", 0.05, "eval", tmp_path / "parts"
+    )
+    remarks = rep.metrics["below_chance"]
+    assert remarks[0].startswith("4-class AUC ") and "below chance (0.5)" in remarks[0]
+    assert remarks[1].startswith(f"4-class accuracy {rep.metrics['image_accuracy']:.3f} is")
+    assert "below the share of the commonest class, Normal (0.250)" in remarks[1]
+    saved = json.loads((rep.out_dir / "metrics.json").read_text())
+    assert saved["below_chance"] == remarks
+    assert f"Below chance: {remarks[0]}" in rep.html.read_text()
+    assert f"below chance: {remarks[0]} ({rep.html})" in caplog.text

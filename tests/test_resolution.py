@@ -153,7 +153,7 @@ def test_the_size_check_is_after_rescaling(tagged: Path) -> None:
 
 def test_predict_files_carry_the_pixel_size_they_were_taken_at(tagged: Path) -> None:
     files = [tagged / "Normal/n0.tif", tagged / "Invasive/iv0.png"]
-    tiling = replace(Tiling(128, 128, 32), fit="overlap")  # both are smaller than a tile
+    tiling = replace(Tiling(128, 128, 32), fit="pad")  # both are smaller than a tile
     dataset = ImageFiles(files, tagged, tiling, StainSettings(), [read_mpp(f) for f in files])
     samples = [dataset[0], dataset[1]]
     assert [s["mpp"] for s in samples] == pytest.approx([0.21, 0.42], abs=1e-4)

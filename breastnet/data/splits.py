@@ -118,7 +118,10 @@ class SplitSpec:
         if self.split_file is not None:
             kind = f"the split file {Path(self.split_file).name}"
         elif self.split == "eva":
-            kind = "eva's patient-aware BACH split (its 132 reported images as test)"
+            kind = (
+                "eva's patient-aware BACH split (those of its 132 reported images in the data "
+                "set as test)"
+            )
         elif self.folds:
             kind = f"{self.folds}-fold CV, fold {self.fold} as test"
         else:

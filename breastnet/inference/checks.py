@@ -1,8 +1,8 @@
 """What the inputs are to the model, said rather than assumed.
 
-Files without a pixel size, files that are the model's own training or val images (by
-content hash), a model trained on generated images, and inputs whose features lie farther
-from the training images than those lie from each other.
+Files without a pixel size, images smaller than one tile, files that are the model's own
+training or val images (by content hash), a model trained on generated images, and inputs
+whose features lie farther from the training images than those lie from each other.
 """
 
 import hashlib
@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from breastnet.data.feature_store import FeatureStore
 from breastnet.data.resolution import assumed_pixel_size, read_mpp
+from breastnet.data.store import Tiling
 from breastnet.distributed import rank
 from breastnet.lineage import Lineage
 
@@ -146,4 +147,34 @@ def warn_about_inputs(
             shift["n_far"],
             shift["n_images"],
             100 * shift["far_share"],
+        )
+
+
+def warn_about_small_images(
+    tiling: Tiling, n_files: int, tissue: Sequence[np.ndarray | None]
+) -> None:
+    """One warning each on the images smaller than one tile at the models' pixel size:
+    refused (``tissue`` None: their error is in predictions.csv) or, with ``predict.fit=pad``,
+    padded with white (``tissue``: their tiles' tissue fractions), saying how much of those
+    tiles is tissue, since the rest is background the model never learnt from."""
+    size = f"smaller than one {tiling.tile_size} px tile at the models' {tiling.mpp:g} µm/px"
+    if refused := sum(t is None for t in tissue):
+        log.warning(
+            "%d of %d input image(s) are %s: refused, as training refuses them (the error "
+            "column of predictions.csv); predict.fit=pad tiles them, padded with white",
+            refused,
+            n_files,
+            size,
+        )
+    if padded := [t for t in tissue if t is not None]:
+        fractions = np.concatenate(padded)
+        log.warning(
+            "predict.fit=pad: %d of %d input image(s) are %s and were padded with white: their "
+            "%d tile(s) are %.0f %% tissue on average (the least %.0f %%)",
+            len(padded),
+            n_files,
+            size,
+            len(fractions),
+            100 * fractions.mean(),
+            100 * fractions.min(),
         )

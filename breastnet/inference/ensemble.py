@@ -125,17 +125,22 @@ def cache_groups(members: list[Member]) -> list[list[int]]:
     return list(groups.values())
 
 
+def parts_dir(members: list[Member]) -> Path:
+    """Where this predict keeps its per-image resume parts: one model's, or the ensemble's
+    (keyed by every member), never the parts of another model in the same output dir."""
+    if len(members) == 1:
+        return members[0].lineage.predict_parts()
+    return ensemble_parts([m.lineage for m in members])
+
+
 def predict_members(
     cfg: DictConfig, members: list[Member], dataset: ImageFiles
 ) -> list[dict[str, dict[str, Any]]]:
     """Each member's output of every file of ``dataset`` (normalised to the first member's
     stain reference), by image id, on rank 0; empty dicts on the other ranks."""
-    ids = dataset.image_ids
+    ids, parts = dataset.image_ids, parts_dir(members)
     if len(members) == 1:
-        member = members[0]
-        parts = member.lineage.predict_parts()
-        return [predict_images(cfg, member.embedder(), dataset, ids, parts, "predict")]
-    parts = ensemble_parts([m.lineage for m in members])
+        return [predict_images(cfg, members[0].embedder(), dataset, ids, parts, "predict")]
     found: list[dict[str, dict[str, Any]]] = [{} for _ in members]
     for n, group in enumerate(cache_groups(members)):
         files = dataset if n == 0 else dataset.restained(members[group[0]].stain())

@@ -1,7 +1,9 @@
 """New image files for predict: found, labelled, and made ready for the models.
 
 A new image goes through exactly the steps a training image went through (prepare's pixel
-size, Macenko reference and tiling), in DataLoader workers.
+size, Macenko reference and tiling), in DataLoader workers. An image that holds no whole tile
+at the models' pixel size is refused, as training refuses it, unless ``predict.fit=pad``
+pads it with white (``breastnet.inference.checks.warn_about_small_images`` says how much).
 """
 
 import copy
@@ -14,10 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from breastnet.data.bach import DataError, find_images, find_label_csv, read_label_csv, read_rgb
 from breastnet.data.datasets import to_tensor
+from breastnet.data.resolution import scale_factor, scaled_size
 from breastnet.data.stain import MacenkoNormalizer
 from breastnet.data.store import StainSettings, Tiling, normalise_and_tile, tissue_fraction
 from breastnet.distributed import rank
@@ -62,6 +66,25 @@ def labels_for(
     return labels
 
 
+def _scaled(height: int, width: int, mpp: float | None, tiling: Tiling) -> tuple[int, int]:
+    """(height, width) of an image at ``mpp`` µm/px once rescaled to the tiling's."""
+    width, height = scaled_size(width, height, scale_factor(mpp, tiling.mpp))
+    return height, width
+
+
+def tiled_size(path: Path, mpp: float | None, tiling: Tiling) -> tuple[int, int]:
+    """(height, width) of an image file at ``mpp`` µm/px (None: the tiling's) as it is tiled,
+    from its header alone."""
+    with Image.open(path) as im:
+        width, height = im.size
+    return _scaled(height, width, mpp, tiling)
+
+
+def holds_a_tile(height: int, width: int, tiling: Tiling) -> bool:
+    """Whether an image of this size (at the tiling's pixel size) holds one whole tile."""
+    return min(height, width) >= tiling.tile_size
+
+
 class ImageFiles(Dataset):
     """Image files rescaled, stain-normalised and tiled (in DataLoader workers), for predict.
 
@@ -100,10 +123,42 @@ class ImageFiles(Dataset):
         """The pixel size file ``i`` is taken to have (``tiling.mpp`` when unknown)."""
         return float(self.mpps[i] or self.tiling.mpp)
 
+    def smaller_than_a_tile(self, i: int) -> bool:
+        """Whether file ``i`` holds no whole tile at the tiling's pixel size (from its header;
+        False for a file whose header does not read: its error is another)."""
+        try:
+            return not holds_a_tile(
+                *tiled_size(self.files[i], self.mpps[i], self.tiling), self.tiling
+            )
+        except OSError:
+            return False
+
     def tile(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of file ``i``."""
+        """Normalised patches [N, S, S, 3] uint8 and grid positions [N, 2] of file ``i``.
+
+        Raises:
+            DataError: the image holds no whole tile and ``fit`` is not ``pad``: refused, as
+                training refuses it, rather than tiled mostly white.
+        """
         image = read_rgb(self.files[i])[0]
+        if self.tiling.fit != "pad":
+            self._refuse_small(i, *image.shape[:2])
         return normalise_and_tile(image, self.tiling, self.normalizer, self.mpps[i])
+
+    def _refuse_small(self, i: int, height: int, width: int) -> None:
+        tiling, mpp = self.tiling, self.mpps[i]
+        tiled_h, tiled_w = _scaled(height, width, mpp, tiling)
+        if holds_a_tile(tiled_h, tiled_w, tiling):
+            return
+        size = f"{width}x{height} px"
+        if (tiled_h, tiled_w) != (height, width):
+            models = f"{tiling.mpp:g} µm/px"
+            size += f" at {mpp:g} µm/px is {tiled_w}x{tiled_h} px at the models' {models}"
+        side = tiling.tile_size
+        raise DataError(
+            f"{self.files[i]}: {size}, smaller than one {side}x{side} px tile: refused, as "
+            "training refuses it (predict.fit=pad tiles it, padded with white)"
+        )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample: dict[str, Any] = {

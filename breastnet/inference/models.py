@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from breastnet.artifacts import container, finished_metrics
 from breastnet.data.feature_store import FeatureStore
 from breastnet.errors import ConfigError
-from breastnet.inference.embedder import Embedder
+from breastnet.inference.embedder import Embedder, view_settings
 from breastnet.lineage import Lineage
 from breastnet.missing import other_keys
 from breastnet.models.backbone import PatchNet
@@ -89,12 +89,14 @@ def used_checkpoints(lineage: Lineage, image_model: ImageClassifier) -> list[Pat
 
 def image_embedder(cfg: DictConfig, lineage: Lineage, image_model: ImageClassifier) -> Embedder:
     """Patches to image probabilities: end to end with the image model's own CNN (single
-    views, as it learnt), else with the patch model's and the features stage's TTA setting."""
+    views of the tiles, as it learnt), else with the patch model's and the features stage's
+    TTA and view settings (the rows the image model learnt from)."""
     chunk = cfg.features.batch_size
     if image_model.backbone is not None:
         return Embedder(image_model.backbone, image_model.aggregator, chunk)
     net = load_patch_model(cfg, lineage).net
-    return Embedder(net, image_model.aggregator, chunk, tta=cfg.features.tta)
+    views = view_settings(cfg)
+    return Embedder(net, image_model.aggregator, chunk, tta=cfg.features.tta, **views)
 
 
 def training_command(folds: Sequence[int] = ()) -> str:

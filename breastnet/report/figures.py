@@ -1,5 +1,5 @@
-"""The report's PNG figures: confusion matrix, ROC, t-SNE, patch grid, per-image heatmaps
-and the closest train/test pairs of the leakage audit.
+"""The report's PNG figures: confusion matrix, ROC, t-SNE, patch grid and the closest
+train/test pairs of the leakage audit (the per-image heatmaps: ``breastnet.report.heatmap``).
 
 Figures are drawn on bare ``matplotlib.figure.Figure`` objects (no pyplot), so no GUI backend
 or global figure state is involved and nothing stays open after a figure is saved. Numbers
@@ -8,20 +8,17 @@ shown come from ``breastnet.report.metrics``.
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import suppress
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
 from breastnet.artifacts import atomic_write
-from breastnet.data.bach import DataError, read_rgb
-from breastnet.data.store import Tiling
+from breastnet.data.bach import read_rgb
+from breastnet.logs import plural
 from breastnet.report.metrics import MIN_ROC_IMAGES
 from breastnet.report.result import ImageResult, label_name
 
@@ -117,12 +114,14 @@ def plot_two_class_roc(curve: tuple[np.ndarray, np.ndarray], two_class: dict, pa
 
 
 class TsnePlot(NamedTuple):
-    """The t-SNE figure, how many patches it marks as misclassified, and what its colours
-    are (``tsne_colour_key``: the title and the page's caption say the same)."""
+    """The t-SNE figure, how many patches it marks as misclassified, what its colours are
+    (``tsne_colour_key``: the title and the page's caption say the same) and its legend's
+    entries."""
 
     path: Path
     n_misclassified: int
     colour_key: str
+    legend: list[str]
 
 
 def tsne_colour_key(results: Sequence[ImageResult]) -> str:
@@ -138,8 +137,9 @@ def plot_tsne(
     results: list[ImageResult], classes: Sequence[str], min_tissue: float, seed: int, path: Path
 ) -> TsnePlot | None:
     """t-SNE of patch features coloured by image class, misclassified patches (labelled
-    images) drawn as crosses: where they fall shows which classes the CNN confuses. None when
-    there are too few patches."""
+    images whose patch CNN gives class probabilities, so not a frozen encoder) drawn as
+    crosses: where they fall shows which classes the CNN confuses. None when there are too
+    few patches."""
     features, colour, wrong, used = [], [], [], []
     for r in results:
         if r.features is None:
@@ -183,8 +183,9 @@ def plot_tsne(
     ax.set_ylabel("t-SNE 2")
     key = tsne_colour_key(used)
     ax.set_title(f"t-SNE of {len(x)} patch features\n(colour: {key})")
-    ax.legend(title="class (patches)", markerscale=2, loc="best")
-    return TsnePlot(_save(fig, path), n_wrong, key)
+    legend = ax.legend(title="class (patches)", markerscale=2, loc="best")
+    entries = [t.get_text() for t in legend.get_texts()]
+    return TsnePlot(_save(fig, path), n_wrong, key, entries)
 
 
 def _montage(
@@ -234,64 +235,6 @@ def _thumbnail(path: str | Path, size: int) -> tuple[np.ndarray, int]:
     return image[::step, ::step], step
 
 
-def _placed(
-    tiles: np.ndarray, origins: np.ndarray, tile_size: int, max_side: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Tiles drawn at their true pixel positions on white (overlapping ones over the
-    earlier ones, as the file has that tissue once), at most ``max_side`` px.
-
-    Args:
-        tiles: [N, S, S, 3] patches, each covering ``tile_size`` px of the tiled image.
-        origins: [N, 2] (y, x) top-left of each tile in the tiled image's pixels.
-
-    Returns:
-        The canvas, each tile's (y, x) on it and a tile's side on it, in canvas pixels.
-    """
-    scale = tiles.shape[1] / tile_size  # canvas pixels (before striding) per image pixel
-    extent = (origins.max(axis=0) + tile_size) * scale
-    step = max(1, math.ceil(float(extent.max()) / max_side))
-    tiles = tiles[:, ::step, ::step]
-    side = tiles.shape[1]
-    corners = np.round(origins * scale / step).astype(int)
-    height, width = (corners.max(axis=0) + side).tolist()
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    for tile, (y, x) in zip(tiles, corners, strict=True):
-        canvas[y : y + side, x : x + side] = tile
-    return canvas, corners, side
-
-
-def _painted(values: np.ndarray, corners: np.ndarray, side: int, shape: tuple) -> np.ndarray:
-    """Each tile's value over its area of a ``_placed`` canvas (NaN where no tile is)."""
-    painted = np.full(shape[:2], np.nan)
-    for value, (y, x) in zip(values, corners, strict=True):
-        painted[y : y + side, x : x + side] = value
-    return painted
-
-
-def _scale_bar(ax: Axes, um_per_px: float, width_px: int) -> None:
-    """A scale bar of a round length (about a quarter of the panel) in the lower left."""
-    target = width_px * um_per_px / 4
-    length = max(
-        (n for n in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000) if n <= target),
-        default=1,
-    )
-    bar = length / um_per_px
-    height = ax.get_ylim()[0]
-    y = height * 0.94
-    for color, lw in (("black", 4), ("white", 1.5)):  # a white bar outlined in black
-        x = [width_px * 0.04, width_px * 0.04 + bar]
-        ax.plot(x, [y, y], color=color, lw=lw, solid_capstyle="butt")
-    ax.text(
-        width_px * 0.04,
-        y - height * 0.03,
-        f"{length:g} µm",
-        color="black",
-        fontsize=8,
-        va="bottom",
-        bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},
-    )
-
-
 def _headline(r: ImageResult, classes: Sequence[str]) -> str:
     truth = f"true {label_name(r, classes)}, " if r.group is not None else ""
     return f"{r.image_id}: {truth}predicted {classes[r.predicted]} ({r.probs[r.predicted]:.2f})"
@@ -318,105 +261,7 @@ def plot_patch_grid(r: ImageResult, tiles: np.ndarray, classes: Sequence[str], p
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
         )
     ax.set_axis_off()
-    ax.set_title(f"{_headline(r, classes)}\n{len(positions)} patches in grid order")
-    return _save(fig, path)
-
-
-def _grid_values(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    rows, cols = positions.max(axis=0) + 1
-    grid = np.full((rows, cols), np.nan)
-    grid[positions[:, 0], positions[:, 1]] = values
-    return grid
-
-
-def plot_heatmap(
-    r: ImageResult,
-    tiles: np.ndarray,
-    classes: Sequence[str],
-    path: Path,
-    tiling: Tiling | None = None,
-) -> Path:
-    """The file as read from disk (when it still reads, so a stain-normalisation artefact
-    can be told from tissue), its patches as tiled, one per-class patch-probability overlay
-    each, and attention, if any.
-
-    With ``tiling``, tiles are drawn at their true positions (``r.origins``, else grid
-    position times stride), so overlapping tiles overlap as in the file, and the pictures
-    get scale bars; without it, edge to edge in grid order."""
-    positions = np.asarray(r.positions, dtype=int)
-    if tiling is None:
-        image, _ = _montage(tiles, positions, max_side=480)
-        values = partial(_grid_values, positions=positions)
-    else:
-        origins = positions * tiling.stride if r.origins is None else np.asarray(r.origins)
-        image, corners, side = _placed(tiles, origins, tiling.tile_size, max_side=480)
-        values = partial(_painted, corners=corners, side=side, shape=image.shape)
-    # Overlays go on a grey copy: the colour scale then reads without the stain's pinks.
-    grey = image @ np.array([0.299, 0.587, 0.114])
-    extent = (0, image.shape[1], image.shape[0], 0)
-    bars: dict[int, float] = {}  # picture index -> µm per displayed pixel (scale bar)
-    if tiling is None:
-        pictures = [(image, "the patches, as tiled")]
-    else:
-        pictures = [(image, f"the patches at their positions\n(tiled at {tiling.mpp:g} µm/px)")]
-        bars[0] = tiling.tile_um / side
-    with suppress(DataError):  # moved or deleted since: the rest of the figure still holds
-        thumbnail, step = _thumbnail(r.path, 480)
-        read_at = f"\n({r.mpp:g} µm/px)" if r.mpp else ""
-        pictures.insert(0, (thumbnail, f"the file, as read{read_at}"))
-        bars = {i + 1: um for i, um in bars.items()}
-        if r.mpp:
-            bars[0] = r.mpp * step
-    n_panels = len(pictures) + len(classes) + (r.attention is not None)
-    ncols = min(n_panels, 3)
-    nrows = math.ceil(n_panels / ncols)
-    width = 3.0 * ncols + 1.0
-    height = 3.0 * nrows * image.shape[0] / image.shape[1] + 0.4 * nrows + 0.9
-    fig = Figure(figsize=(width, height), layout="constrained")
-    axes = list(np.atleast_1d(fig.subplots(nrows, ncols)).ravel())
-    for ax in axes:
-        ax.set_axis_off()
-    for i, (ax, (picture, title)) in enumerate(zip(axes, pictures, strict=False)):
-        ax.imshow(picture)
-        if i in bars:
-            _scale_bar(ax, bars[i], picture.shape[1])
-        ax.set_title(title if "\n" in title else f"{title}\n ")
-
-    def overlay(ax: Axes, shown_values: np.ndarray, vmax: float, cmap: str):
-        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-        return ax.imshow(
-            values(shown_values),
-            extent=extent,
-            cmap=cmap,
-            vmin=0,
-            vmax=vmax,
-            alpha=0.6,
-            interpolation="nearest",
-        )
-
-    class_axes = axes[len(pictures) : len(pictures) + len(classes)]
-    for c, (ax, name) in enumerate(zip(class_axes, classes, strict=True)):
-        shown = overlay(ax, r.patch_probs[:, c], 1.0, "inferno")
-        tags = [t for t, k in (("true", r.label), ("predicted", r.predicted)) if k == c]
-        colour = "black"
-        if tags:
-            colour = "tab:green" if r.label in (None, r.predicted) or c == r.label else "tab:red"
-        marker = f"\u25c6 {' & '.join(tags)}" if tags else " "
-        ax.set_title(
-            f"{name}: image p={r.probs[c]:.2f}\n{marker}",
-            color=colour,
-            fontweight="bold" if tags else "normal",
-        )
-    fig.colorbar(
-        shown, ax=axes, location="bottom", shrink=0.5, aspect=40, label="patch probability"
-    )
-    if r.attention is not None:
-        attention = np.asarray(r.attention, dtype=float)
-        ax = axes[len(pictures) + len(classes)]
-        shown = overlay(ax, attention, float(attention.max()) or 1.0, "viridis")
-        ax.set_title("attention weight\n ")
-        fig.colorbar(shown, ax=ax, shrink=0.8)
-    fig.suptitle(_headline(r, classes))
+    ax.set_title(f"{_headline(r, classes)}\n{plural(len(positions), 'patch')} in grid order")
     return _save(fig, path)
 
 

@@ -5,6 +5,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
+from breastnet.report.figures import TsnePlot
 from breastnet.report.metrics import MIN_INTERVAL_IMAGES, MIN_ROC_IMAGES
 from breastnet.report.result import ImageResult, label_name
 
@@ -46,11 +47,11 @@ _CAPTIONS = {
     "predicted class.",
     "roc_2class": "Carcinoma vs non-carcinoma ROC curve, ranked by the summed carcinoma "
     f"probability (drawn with at least {MIN_ROC_IMAGES} images of each group).",
-    "tsne": "t-SNE of patch features, each coloured by {key}; crosses: patches whose own most "
-    "probable class is not their image's label.",
+    "tsne": "t-SNE of patch features, each coloured by {key}.",
     "patch_grid": "The patches of one image at their grid positions, numbered row by row.",
 }
 _HALF = ("roc", "tsne", "confusion_2class", "roc_2class")
+_CROSSES = " Crosses: patches whose own most probable class is not their image's label."
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -116,34 +117,33 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
         "against Normal + Benign, each image's group from its predicted class; the AUC ranks "
         f"by the summed carcinoma probability.</p>{binary}"
     )
+    remarks = "".join(
+        f'<p class="error">Below chance: {_esc(remark)}.</p>'
+        for remark in metrics.get("below_chance") or []
+    )
     if metrics["per_class"] is None:
-        return f"<h2>Metrics</h2><p>Only 2-class labels: no 4-class numbers.</p>{binary}"
+        return f"<h2>Metrics</h2>{remarks}<p>Only 2-class labels: no 4-class numbers.</p>{binary}"
+    n = metrics["n_images"]
+    columns = [
+        ("image accuracy", _fmt(metrics["image_accuracy"])),
+        ("95 % CI", _fmt_ci(metrics["image_accuracy_ci"], n)),
+        ("balanced accuracy", _fmt(metrics["balanced_accuracy"])),
+        ("95 % CI", _fmt_ci(metrics["balanced_accuracy_ci"], n)),
+    ]
+    if "patch_accuracy" in metrics:  # not for a frozen encoder: its patches have no classes
+        columns.append(("patch accuracy", _fmt(metrics["patch_accuracy"])))
+    columns += [
+        ("macro AUC", _fmt(metrics["macro_auc"])),
+        ("95 % CI", _fmt_ci(metrics["macro_auc_ci"], n)),
+        ("images", str(n)),
+    ]
+    if "n_patches" in metrics:
+        patches = metrics["n_patches"]
+        columns.append(("patches", "n/a" if patches is None else str(patches)))
     summary = _table(
-        [
-            "image accuracy",
-            "95 % CI",
-            "balanced accuracy",
-            "95 % CI",
-            "patch accuracy",
-            "macro AUC",
-            "95 % CI",
-            "images",
-            "patches",
-        ],
-        [
-            [
-                _fmt(metrics["image_accuracy"]),
-                _fmt_ci(metrics["image_accuracy_ci"], metrics["n_images"]),
-                _fmt(metrics["balanced_accuracy"]),
-                _fmt_ci(metrics["balanced_accuracy_ci"], metrics["n_images"]),
-                _fmt(metrics["patch_accuracy"]),
-                _fmt(metrics["macro_auc"]),
-                _fmt_ci(metrics["macro_auc_ci"], metrics["n_images"]),
-                str(metrics["n_images"]),
-                "n/a" if metrics["n_patches"] is None else str(metrics["n_patches"]),
-            ]
-        ],
-        numeric=set(range(9)),
+        [name for name, _ in columns],
+        [[cell for _, cell in columns]],
+        numeric=set(range(len(columns))),
     )
     per_class = _table(
         ["class", "sensitivity", "specificity", "AUC", "n"],
@@ -153,7 +153,7 @@ def _metrics_html(metrics: dict, classes: Sequence[str]) -> str:
         ],
         numeric={1, 2, 3, 4},
     )
-    return f"<h2>Metrics</h2>{summary}<h3>Per class</h3>{per_class}{binary}"
+    return f"<h2>Metrics</h2>{remarks}{summary}<h3>Per class</h3>{per_class}{binary}"
 
 
 def _true_prob(r: ImageResult) -> float:
@@ -166,6 +166,8 @@ def _true_prob(r: ImageResult) -> float:
 def _split_html(split: dict) -> str:
     """One paragraph: the split, its grouping and the near-duplicates that cross it."""
     text = f"<p><b>Split</b> {_esc(split.get('name', ''))}: {_esc(split['text'])}."
+    if split.get("scope"):  # a data set with part of a published test set
+        text += f" The test images are {_esc(split['scope'])}."
     if split.get("near_duplicates") is not None:
         n = split["near_duplicates"]
         style = ' class="error"' if n else ""
@@ -180,16 +182,24 @@ def _inputs_html(inputs: dict) -> str:
     """What was scored against what the model was trained on: the pixel size, label map,
     training data and split, training images among the inputs and how far the inputs lie
     from the training images in feature space."""
+    given = inputs.get("image_mpp") or []
+    images = ", ".join(f"{m:g}" for m in given) + " µm/px" if given else "none given"
     rows = [
         ["input", _esc(inputs.get("input", "n/a"))],
-        ["pixel size", _esc(f"{inputs['pixel_size']}; tiles: {inputs['tile']}")],
+        [
+            "pixel size",
+            _esc(
+                f"the images: {images} ({inputs['pixel_size']}), rescaled to the tiling's "
+                f"{inputs['tiling_mpp']:g} µm/px; tiles: {inputs['tile']}"
+            ),
+        ],
     ]
     if inputs.get("untagged_files"):
         rows.append(
             [
                 "files without a pixel size",
-                f'<span class="error">{inputs["untagged_files"]}'
-                f" taken as {inputs['mpp']:g} µm/px</span>",
+                f'<span class="error">{inputs["untagged_files"]}, assumed to be '
+                f"{inputs['tiling_mpp']:g} µm/px</span>",
             ]
         )
     label_map = inputs.get("label_map")
@@ -199,6 +209,14 @@ def _inputs_html(inputs: dict) -> str:
         ["trained on", _esc(inputs["training_data"]) + (generated if inputs["generated"] else "")]
     )
     rows.append(["training split", _esc(inputs["training_split"])])
+    if inputs.get("frozen_encoder"):
+        rows.append(
+            [
+                "patch network",
+                "a frozen encoder (patch_model.freeze=true): its head is zero, so its patches "
+                "have no class of their own and there is no patch accuracy",
+            ]
+        )
     seen = inputs.get("training_images") or {}
     if seen:
         fate = "scored" if inputs.get("training_images_scored") else "left out of the scores"
@@ -266,6 +284,15 @@ def _provenance_html(provenance: dict) -> str:
     )
 
 
+def _heatmap_caption(r: ImageResult) -> str:
+    """What an image's heatmap draws (``breastnet.report.heatmap.tile_values``)."""
+    if r.patch_probs is not None:
+        return f"{r.image_id}: per-class patch probabilities"
+    if r.tile_probs is not None:
+        return f"{r.image_id}: per-class tile probabilities of the image model's own head"
+    return f"{r.image_id}: attention weights"
+
+
 def render_html(
     title: str,
     results: list[ImageResult],
@@ -277,14 +304,17 @@ def render_html(
     split: dict | None = None,
     provenance: dict | None = None,
     inputs: dict | None = None,
-    tsne_key: str | None = None,
+    tsne: TsnePlot | None = None,
+    heatmap_note: str | None = None,
 ) -> str:
     """The page: what was evaluated, metrics, figures, misclassified images (in the given
     order) with their heatmaps, the closest train/test pairs, predictions, failed files and
     provenance; ``figures`` and ``heatmaps`` are PNG paths, inlined as data URLs.
     ``inputs``: what predict scored against the training data (``write_report``);
-    ``tsne_key``: what the t-SNE's colours are, as its title says."""
+    ``tsne``: the t-SNE drawn (its colours, as its title says, and its crosses);
+    ``heatmap_note``: why no heatmap was drawn."""
     failed = [r for r in results if r.failed]
+    by_id = {r.image_id: r for r in results}
     parts = [
         f"<h1>{_esc(title)}</h1>",
         f'<p class="muted">{len(results)} images, {len(failed)} failed. Files: '
@@ -301,14 +331,15 @@ def render_html(
         parts.append("<h2>Predictions</h2><p>No labels: no metrics.</p>")
         parts.append(_predictions_html(results, classes))
 
-    key = tsne_key or "the class of its image"
-    overview = [
-        _img(figures[k], _CAPTIONS[k].format(key=key), half=k in _HALF)
-        for k in _CAPTIONS
-        if k in figures
-    ]
+    captions = dict(_CAPTIONS)
+    if tsne is not None:
+        crosses = _CROSSES if tsne.n_misclassified else ""
+        captions["tsne"] = captions["tsne"].format(key=tsne.colour_key) + crosses
+    overview = [_img(figures[k], captions[k], half=k in _HALF) for k in captions if k in figures]
     if overview:
         parts.append("<h2>Figures</h2>" + "".join(overview))
+    if heatmap_note:
+        parts.append(f'<p class="muted">{_esc(heatmap_note)}</p>')
 
     if metrics is not None:
         parts.append(f"<h2>Misclassified images ({len(misclassified)})</h2>")
@@ -317,7 +348,7 @@ def render_html(
             header = ["image", "path", "true", "predicted", "p(predicted)", "p(true)"]
             parts.append(_table(header, rows, numeric={4, 5}))
             parts.extend(
-                _img(heatmaps[r.image_id], f"{r.image_id}: per-class patch probabilities")
+                _img(heatmaps[r.image_id], _heatmap_caption(r))
                 for r in misclassified
                 if r.image_id in heatmaps
             )
@@ -336,7 +367,7 @@ def render_html(
     others = [(i, p) for i, p in heatmaps.items() if i not in wrong]
     if others:
         parts.append("<h2>Example heatmaps</h2>")
-        parts.extend(_img(p, f"{i}: per-class patch probabilities") for i, p in others)
+        parts.extend(_img(p, _heatmap_caption(by_id[i])) for i, p in others)
 
     if metrics is not None:
         parts.append("<details><summary>All predictions</summary>")

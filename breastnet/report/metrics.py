@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import (
 )
 
 from breastnet import CLASSES
-from breastnet.labels import CARCINOMA_INDICES
+from breastnet.labels import CARCINOMA_INDICES, GROUPS
 
 BOOTSTRAP_RESAMPLES = 1000
 # Fewer images than this get no interval ("too few images"): the percentile bootstrap of an
@@ -326,3 +326,36 @@ def headline(metrics: dict) -> dict[str, float]:
     keys = ("accuracy", "sensitivity", "specificity", "auc", "n_images")
     out |= {f"carcinoma_{k}": two[k] for k in keys if two.get(k) is not None}
     return out
+
+
+def below_chance(metrics: dict) -> list[str]:
+    """What a report's numbers do worse than guessing, one remark each, for the 4-class and
+    the 2-class view: an AUC under 0.5 (ranking worse than a coin), an accuracy under the
+    share of the commonest class or group (what always answering it scores). [] when none.
+
+    Args:
+        metrics: ``write_report``'s metrics (``classification_metrics`` keys, ``two_class``).
+    """
+    views = []
+    if metrics.get("per_class"):
+        counts = {name: m["n"] for name, m in metrics["per_class"].items()}
+        views.append(("4-class", "class", metrics["image_accuracy"], metrics["macro_auc"], counts))
+    if two := metrics.get("two_class"):
+        n, positives = two["n_images"], two["n_carcinoma"]
+        counts = {GROUPS[0]: n - positives, GROUPS[1]: positives}
+        views.append(("2-class", "group", two["accuracy"], two["auc"], counts))
+    remarks = []
+    for view, kind, accuracy, auc, counts in views:
+        if auc is not None and auc < 0.5:
+            remarks.append(
+                f"{view} AUC {auc:.3f} is below chance (0.5): the model ranks the images "
+                "worse than a coin"
+            )
+        name, n = max(counts.items(), key=lambda item: item[1])
+        share = n / sum(counts.values())
+        if accuracy is not None and accuracy < share:
+            remarks.append(
+                f"{view} accuracy {accuracy:.3f} is below the share of the commonest {kind}, "
+                f"{name} ({share:.3f}): always answering {name} would score more"
+            )
+    return remarks

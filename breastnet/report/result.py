@@ -16,17 +16,23 @@ class ImageResult:
     path: str
     label: int | None  # true class index, None when unknown (or only its group is known)
     probs: np.ndarray | None  # [C] image-level class probabilities; None on error
-    patch_probs: np.ndarray | None  # [N, C] per-patch probabilities (grid row-major order)
+    # [N, C] the patch CNN's per-patch probabilities (grid row-major order); None where it
+    # has none worth reading (a frozen encoder's zero head gives every class 0.25)
+    patch_probs: np.ndarray | None
     positions: np.ndarray | None  # [N, 2] (row, col) grid position of each patch
     tissue: np.ndarray | None  # [N] tissue fraction of each patch (0..1)
     features: np.ndarray | None = None  # [N, D] pooled patch features (for t-SNE)
     attention: np.ndarray | None = None  # [N] aggregator attention weights, when it has them
     error: str | None = None  # why this image has no prediction (unreadable, too small...)
     label_group: int | None = None  # the 2-class label (GROUPS index) when only that is known
-    mpp: float | None = None  # microns per pixel the file was read at, when known (predict)
+    mpp: float | None = None  # microns per pixel the file was read at, when known
     # [N, 2] (y, x) top-left pixel of each tile in the image as tiled (at the tiling's pixel
     # size); None: the grid positions times the stride (trim and pad do not overlap more)
     origins: np.ndarray | None = None
+    # [N, C] the image model's own per-tile class probabilities (its linear head on each
+    # tile's features), when it has them and the patch CNN has no probabilities: heatmaps
+    tile_probs: np.ndarray | None = None
+    mpp_assumed: bool = False  # whether ``mpp`` is a default (no tag or setting gave it)
 
     @property
     def failed(self) -> bool:
@@ -64,7 +70,8 @@ class ImageResult:
     @property
     def n_patches(self) -> int | None:
         """How many patches the image gave (None when it failed before tiling)."""
-        return None if self.patch_probs is None else len(self.patch_probs)
+        given = (self.positions, self.patch_probs, self.features)
+        return next((len(a) for a in given if a is not None), None)
 
     def tissue_patches(self, values: np.ndarray, min_tissue: float) -> np.ndarray:
         """The rows of ``values`` ([N, ...], one per patch) whose patch has at least

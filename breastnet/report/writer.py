@@ -16,21 +16,28 @@ from breastnet.labels import GROUPS
 from breastnet.report.figures import (
     TileCache,
     plot_confusion,
-    plot_heatmap,
     plot_pairs,
     plot_patch_grid,
     plot_roc,
     plot_tsne,
     plot_two_class_roc,
 )
+from breastnet.report.heatmap import plot_heatmap, tile_values
 from breastnet.report.html import render_html
 from breastnet.report.metrics import (
+    below_chance,
     classification_metrics,
     roc_curves,
     two_class_metrics,
     two_class_roc,
 )
 from breastnet.report.result import ImageResult, class_name, label_name
+
+NO_HEATMAPS = (
+    "No heatmaps: the patch CNN gives no class probabilities (a frozen encoder's head is "
+    "zero, every class 0.25), and this image model gives neither attention weights nor "
+    "per-tile class scores (mean_features and attention do)."
+)
 
 # metrics.json's 4-class keys when the labels are only the 2-class groups (no 4-class view:
 # n_images None, not 0; n_images_by_view counts what each view scored)
@@ -122,6 +129,10 @@ def write_report(
     """Write metrics.json (when labelled), predictions.csv, PNG figures and index.html, and
     provenance.json when given.
 
+    metrics.json has no ``patch_accuracy`` and ``n_patches`` when no result has patch
+    probabilities (a frozen encoder), and says in ``below_chance`` (a list of remarks)
+    where the numbers are worse than guessing (``breastnet.report.metrics.below_chance``).
+
     Args:
         out_dir: where the files go (created if needed).
         results: one per image, failed ones (``error`` set) included.
@@ -131,7 +142,8 @@ def write_report(
         title: the page title.
         min_tissue: patches with less tissue are left out of patch accuracy and t-SNE.
         n_examples: how many heatmaps to draw: the misclassified images, most confident
-            first (the errors a reader should see first), then the others in input order.
+            first (the errors a reader should see first), then the others in input order;
+            only of images with per-tile values (``heatmap.tile_values``) or attention.
         seed: for the t-SNE and its subsample.
         split: what was evaluated (``breastnet.stages.evaluate``): ``text`` (sides, images
             and source groups), counts, ``near_duplicates`` and the audit's closest ``pairs``
@@ -163,6 +175,10 @@ def write_report(
             np.stack([r.probs for r in grouped]),
         )
         metrics["two_class"] = two_class_metrics(groups, group_probs)
+        if not any(r.patch_probs is not None for r in ok):  # a frozen encoder: none to score
+            for key in ("patch_accuracy", "n_patches"):
+                metrics.pop(key)
+        metrics["below_chance"] = below_chance(metrics)
         metrics["n_images_by_view"] = {"4-class": len(labelled), "2-class": len(grouped)}
         metrics["n_errors"] = len(results) - len(ok)
         if inputs is not None:
@@ -199,16 +215,20 @@ def write_report(
 
     misclassified = sorted((r for r in ok if r.wrong), key=lambda r: -r.probs[r.predicted])
     heatmaps: dict[str, Path] = {}
+    heatmap_note = None
     if patches is not None:
         tiles = TileCache(patches)  # predict re-tiles an image per call: load each once
-        gridded = [r for r in ok if r.patch_probs is not None and r.positions is not None]
+        gridded = [r for r in ok if r.positions is not None]
         first = next((r for r in gridded if r.label is not None), gridded[0] if gridded else None)
         if first is not None:
             figures["patch_grid"] = plot_patch_grid(
                 first, tiles(first), classes, out_dir / "patch_grid.png"
             )
         rank = {r.image_id: i for i, r in enumerate(misclassified)}
-        chosen = sorted(gridded, key=lambda r: rank.get(r.image_id, len(rank)))
+        drawable = [r for r in gridded if tile_values(r) is not None or r.attention is not None]
+        if gridded and not drawable:
+            heatmap_note = NO_HEATMAPS
+        chosen = sorted(drawable, key=lambda r: rank.get(r.image_id, len(rank)))
         for stale in out_dir.glob("heatmap_*.png"):  # of an earlier report in this folder
             stale.unlink()
         taken: set[str] = set()
@@ -228,7 +248,8 @@ def write_report(
         split,
         provenance,
         inputs,
-        tsne.colour_key if tsne is not None else None,
+        tsne,
+        heatmap_note,
     )
     html_path = out_dir / "index.html"
     write_text(html_path, page)

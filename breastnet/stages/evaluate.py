@@ -8,25 +8,33 @@ with ``logger=wandb`` the same go to the W&B run.
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import nn
 
 from breastnet.data.datamodule import BreastDataModule
 from breastnet.data.datasets import FeatureDataset
-from breastnet.data.feature_store import FeatureStore
+from breastnet.data.feature_store import FeatureStore, missing_message
 from breastnet.data.splits import SIDES, split_summary
-from breastnet.distributed import on_rank_zero
+from breastnet.distributed import locked_on_rank_zero, on_rank_zero
 from breastnet.errors import ConfigError
 from breastnet.inference.embedder import Embedder
 from breastnet.inference.models import image_embedder, load_image_model, used_checkpoints
-from breastnet.inference.results import image_result
+from breastnet.inference.results import add_tile_probs, image_result
 from breastnet.inference.runner import predict_images
 from breastnet.lineage import Lineage, container
 from breastnet.logs import say
-from breastnet.stages.common import model_facts, publish_report
+from breastnet.stages.common import (
+    eva_scope,
+    evaluation_line,
+    model_facts,
+    pixel_facts,
+    publish_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +56,35 @@ def run(cfg: DictConfig) -> dict[str, float]:
         embedder = image_embedder(cfg, lineage, model)
     else:  # on the features stage's cached outputs
         cached = FeatureStore(lineage.features)
-        ids = [i for side in sides for i in datamodule.prepared.split[side] if i in cached]
-        dataset, embedder = FeatureDataset(cached, ids), Embedder(None, model.aggregator)
+        ids = _stored(cached, datamodule, sides)
+        dataset = FeatureDataset(cached, ids, datamodule.prepared.labels)
+        embedder = Embedder(None, model.aggregator)
     out = lineage.report(split)
-    outputs = predict_images(cfg, embedder, dataset, ids, out / ".parts", "evaluate")
     checkpoints = used_checkpoints(lineage, model)
-    return on_rank_zero(lambda: _report(cfg, datamodule, outputs, out, checkpoints)) or {}
+    aggregator = model.aggregator  # a frozen encoder's heatmaps: its per-tile probabilities
+    # One evaluation of a report at a time, from its first part to the report that drops the
+    # parts: a second job (a requeue, a duplicate) waits, then evaluates on its own parts.
+    with locked_on_rank_zero(out.with_name(f"{out.name}.evaluate")):
+        outputs = predict_images(cfg, embedder, dataset, ids, out / ".parts", "evaluate")
+        report = partial(_report, cfg, datamodule, outputs, out, checkpoints, aggregator)
+        return on_rank_zero(report) or {}
+
+
+def _stored(
+    store: FeatureStore, datamodule: BreastDataModule, sides: tuple[str, ...]
+) -> list[str]:
+    """The images of ``sides`` whose current content the store holds; the others (added or
+    changed since the features stage ran) are named in a warning and left out."""
+    prepared = datamodule.prepared
+    sha1 = {e.image_id: e.sha1 for e in prepared.entries}
+    wanted = {i: sha1[i] for side in sides for i in prepared.split[side] if i in prepared.records}
+    if stale := store.stale(wanted):
+        log.warning(
+            "%s; evaluating the other %d",
+            missing_message(store.root, stale, len(wanted)),
+            len(wanted) - len(stale),
+        )
+    return [i for i in wanted if i not in set(stale)]
 
 
 def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[str]) -> dict:
@@ -84,41 +115,55 @@ def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[st
 
 
 def _report(
-    cfg: DictConfig, datamodule: BreastDataModule, outputs: dict, out, checkpoints: list[Path]
+    cfg: DictConfig,
+    datamodule: BreastDataModule,
+    outputs: dict,
+    out,
+    checkpoints: list[Path],
+    aggregator: nn.Module | None = None,
 ) -> dict:
+    """Write the report of ``outputs``; a frozen encoder's images get no patch predictions,
+    their heatmaps ``aggregator``'s own per-tile probabilities where it has them."""
     prepared = datamodule.prepared
     entries = {e.image_id: e for e in prepared.entries}
+    lineage = Lineage(cfg)
+    frozen = lineage.frozen
     results = []
     for image_id, output in outputs.items():
         record = prepared.records[image_id]  # grid positions and tissue, from prepare
         entry = entries[image_id]
         result = image_result(
-            output, entry.path, entry.label_index, record["positions"], record["tissue"]
+            output, entry.path, entry.label_index, record["positions"], record["tissue"], frozen
         )
-        result.mpp = entry.mpp or datamodule.tiling.mpp
+        result.mpp, result.mpp_assumed = entry.mpp or datamodule.tiling.mpp, entry.mpp is None
+        if frozen and aggregator is not None:
+            add_tile_probs(result, [aggregator], [output["features"]])
         results.append(result)
     split = cfg.evaluate.split
-    aggregator = cfg.image_model.aggregator._target_.rsplit(".", 1)[-1]
-    inputs = model_facts(cfg, Lineage(cfg)) | {
+    name = cfg.image_model.aggregator._target_.rsplit(".", 1)[-1]
+    inputs = model_facts(cfg, lineage) | {
         "input": f"the {split} split of the training data",
-        "pixel_size": "TIFF tags, else data.mpp",
+        **pixel_facts([entries[i].mpp for i in outputs], "TIFF tags, else data.mpp"),
         "label_map": container(cfg.data.get("label_map")),
     }
+    facts = split_facts(cfg, datamodule, set(outputs))
+    if scope := eva_scope(prepared.split_spec, facts, cfg.data.data_dir):
+        facts["scope"] = scope
     report, metrics = publish_report(
         cfg,
         out,
         results,
         lambda i: np.asarray(prepared.cache.load(i)),
-        f"breastnet: {aggregator} on the {split} split",
+        f"breastnet: {name} on the {split} split",
         datamodule.hparams.min_tissue,
         "eval",
         out / ".parts",
-        split_facts(cfg, datamodule, set(outputs)),
+        facts,
         checkpoints=checkpoints,
         inputs=inputs,
         tiling=datamodule.tiling,
     )
     if report.metrics is not None:
-        say(f"image accuracy on the {split} split: {report.metrics['image_accuracy']:.3f}")
+        say(evaluation_line(split, facts, report.metrics))
     say(f"report: {report.html} (metrics.json, predictions.csv and the PNGs beside it)")
     return metrics

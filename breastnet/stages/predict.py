@@ -5,7 +5,8 @@ models were trained with (it locates them in ``work_dir``). Writes ``predictions
 ``predict.output_dir``; when the files have labels (BACH class folders, or a ``file,label``
 CSV) also ``metrics.json``, the plots and ``index.html``: any labelled folder is an external
 test set. Its labels may be other names (``predict.label_map``) or only BACH's 2-class groups,
-its images another pixel size (``predict.mpp``, TIFF tags) or size (``predict.fit``). A file
+its images another pixel size (``predict.mpp``, TIFF tags) or size (``predict.fit``; an
+image smaller than one tile is refused, as in training, unless ``predict.fit=pad``). A file
 that cannot be used gets a row with its error and the others go on; the stage fails at the
 end, after writing everything, when any file did.
 
@@ -34,19 +35,21 @@ from breastnet.inference.checks import (
     pixel_sizes,
     seen_in_training,
     warn_about_inputs,
+    warn_about_small_images,
 )
 from breastnet.inference.ensemble import (
     ensemble_facts,
     load_members,
     mean_outputs,
+    parts_dir,
     predict_members,
 )
 from breastnet.inference.files import ImageFiles, find_inputs, labels_for
-from breastnet.inference.results import file_result, outcome_lines
+from breastnet.inference.results import add_tile_probs, file_result, outcome_lines
 from breastnet.labels import LabelMap
 from breastnet.lineage import container
 from breastnet.logs import say
-from breastnet.stages.common import model_facts, publish_report
+from breastnet.stages.common import model_facts, pixel_facts, publish_report
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +86,31 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
         warn_about_inputs(cfg, facts, seen, shift)
         left_out = 0 if cfg.predict.include_training else len(seen)
+        frozen = members[0].lineage.frozen
         results = [
             file_result(
                 outputs[image_id],
                 f,
-                dataset.pixel_size(i),
+                mpps[i],
                 tiling,
                 labels[f] if cfg.predict.include_training or f not in seen else None,
+                frozen,
             )
             for i, (f, image_id) in enumerate(zip(files, dataset.image_ids, strict=True))
         ]
+        if frozen:  # heatmaps: the image model's own per-tile view
+            own = [m.model.aggregator for m in members]
+            for r in results:
+                if not r.failed:
+                    add_tile_probs(r, own, [o[r.image_id]["features"] for o in per_member])
+        padded = tiling.fit == "pad"  # else an image smaller than a tile is refused
+        small = [r for i, r in enumerate(results) if dataset.smaller_than_a_tile(i)]
+        tissue = [r.tissue if padded else None for r in small if not (padded and r.failed)]
+        warn_about_small_images(tiling, len(results), tissue)
+        source = "predict.mpp" if cfg.predict.mpp else "TIFF tags, else data.mpp"
         inputs = facts | {
             "input": str(root),
-            "pixel_size": "predict.mpp" if cfg.predict.mpp else "TIFF tags, else data.mpp",
-            "untagged_files": sum(m is None for m in mpps),
+            **pixel_facts(mpps, source),
             "label_map": container(cfg.predict.label_map),
             "training_images": {str(f): side for f, side in seen.items()},
             "training_images_scored": bool(cfg.predict.include_training),
@@ -112,7 +126,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"breastnet predictions: {root}",
             datamodule.hparams.min_tissue,
             "predict",
-            out_dir / ".parts",
+            parts_dir(members),  # this run's parts alone: others' resume files stay
             checkpoints=[c for m in members for c in m.checkpoints()],
             inputs=inputs,
             tiling=tiling,
