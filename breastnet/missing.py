@@ -75,7 +75,8 @@ def _saved_configs(work_dir: Path, stage: str) -> dict[str, dict]:
     for patch, cfg in models.items():
         image = cfg.get("image", {})
         oof = image.get("oof_folds") if image.get("train_features") == "oof" else None
-        key = features_key(patch, cfg.get("features", {}).get("tta", False), oof)
+        features = cfg.get("features", {})
+        key = features_key(patch, features.get("tta", False), oof, features.get("view", "tiles"))
         if FeatureStore.is_complete(work_dir / "features" / key):
             found[key] = cfg
     return found

@@ -40,7 +40,8 @@ def add_tile_probs(
 ) -> None:
     """Give a frozen encoder's result (no patch probabilities) the image model's per-tile
     probabilities (``tile_probs``) for its heatmap, where there is one feature row per tile
-    (not with ``features.view=whole`` or ``both``, whose rows hold the whole image)."""
+    (not with ``features.view=whole``, whose one row is the whole image; with ``both`` each
+    tile's row holds the whole image's features beside its own)."""
     if result.positions is None or any(len(f) != len(result.positions) for f in features):
         return
     result.tile_probs = tile_probs(aggregators, features)
