@@ -8,6 +8,8 @@ INPUT ?=
 FOLDS ?= 5
 SEARCH ?= image_optuna
 SUMMARY_ARGS ?=
+SWEEP ?=
+SELECT_ARGS ?=
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 CV_DIR := logs/cv/$(STAMP)
 SWEEP_DIR := logs/sweeps/$(SEARCH)_$(STAMP)
@@ -35,8 +37,16 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 install: $(VENV)/.installed ## build .venv with every pinned dependency
 
+# One pytest-xdist worker per CPU this process may use (breastnet/threads.py: affinity,
+# SLURM_CPUS_PER_TASK, cgroup quota; BREASTNET_CPUS overrides), up to 4, each with its share
+# of torch threads; one CPU: no workers.
 test: install ## fast test suite (what CI runs)
-	$(PY) -m pytest -m "not slow" -q -n auto --maxprocesses 4
+	@cpus=$$($(PY) -c 'from breastnet.threads import available_cpus; print(available_cpus())'); \
+	workers=$$((cpus < 4 ? cpus : 4)); \
+	[ $$workers -gt 1 ] || workers=0; \
+	echo "pytest: $$cpus CPU(s), $$workers worker(s)"; \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$((cpus / (workers > 0 ? workers : 1)))} \
+		$(PY) -m pytest -m "not slow" -q -n $$workers
 
 test-all: install ## every test, slow ones too (needs ../shared/data/bach-dev for some)
 	$(PY) -m pytest -q
@@ -100,6 +110,11 @@ sweep: install ## image-model search (SEARCH=image_optuna | image_grid), then it
 	$(RUN) -m hparams_search=$(SEARCH) hydra.sweep.dir=$(SWEEP_DIR) run_group=$(SEARCH)-$(STAMP) \
 		$(DATA_ARG) $(ARGS); \
 	status=$$?; $(PY) -m breastnet.summary $(SWEEP_DIR) $(SUMMARY_ARGS); exit $$status
+
+.PHONY: select
+select: install ## choose a recipe in SWEEP=<sweep dir> on the training side (nested per fold)
+	$(if $(SWEEP),,$(error make select: set SWEEP=<sweep dir> (logs/cv/<time>, logs/sweeps/...)))
+	$(PY) -m breastnet.select $(SWEEP) $(SELECT_ARGS)
 
 bench: install ## prepare speed vs staintools on bach-dev
 	$(PY) experiments/bench_prepare.py $(ARGS)

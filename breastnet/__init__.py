@@ -5,6 +5,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from breastnet.threads import workers
+
 # albumentations otherwise checks PyPI for updates on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -34,3 +36,14 @@ def tile_px(patch_size: int, native_mpp: float | None, mpp: float) -> int:
 
 
 OmegaConf.register_new_resolver("tile_px", tile_px, replace=True)
+
+
+def slurm_gpus(accelerator: str, devices: int) -> int:
+    """GPUs per node a SLURM job asks for (``conf/hydra/launcher/slurm.yaml``): none for a
+    CPU trainer (``trainer=cpu``, ``ddp_cpu``), else one per device."""
+    return 0 if str(accelerator) == "cpu" else int(devices)
+
+
+OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
+# `${workers:2,1}`: worker processes sized to the CPUs this process may use (breastnet.threads).
+OmegaConf.register_new_resolver("workers", workers, replace=True)

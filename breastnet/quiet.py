@@ -7,6 +7,7 @@ lists the metric objects and "Total FLOPs: 0", as no module defines an example i
 """
 
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -19,6 +20,29 @@ _LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
 
 def _not_litlogger_tip(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(_LITLOGGER_TIP)
+
+
+class DeviceLines(logging.Filter):
+    """Lightning's device lines, printed at every Trainer construction (4-5 per run): no TPU
+    line (no breastnet setting uses one; Lightning warns apart when one sits unused), no GPU
+    line on a machine without a GPU, and a GPU line once per job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("TPU available: ") or message.startswith("GPU available: False"):
+            return False
+        if message.startswith("GPU available: "):
+            if message in self.shown:
+                return False
+            self.shown.add(message)
+        return True
+
+
+_DEVICE_LINES = DeviceLines()
 
 
 def quiet_known_noise(cfg: DictConfig) -> None:
@@ -54,11 +78,32 @@ def quiet_known_noise(cfg: DictConfig) -> None:
             message=r"Found \d+ module\(s\) in eval mode at the start of training",
             category=PossibleUserWarning,
         )
-    # An advertisement printed at every Trainer construction; the other lines of this logger
-    # (devices in use, our progress lines) stay.
-    tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if _not_litlogger_tip not in tips.filters:
-        tips.addFilter(_not_litlogger_tip)
+    # Each stage fits into its own keyed dir in work_dir (breastnet.stages.common), where
+    # breastnet writes the stage's lock and config.yaml before the fit and resumes from the
+    # last.ckpt it finds there itself: "not empty" is every fresh run's state, not a stale one.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Checkpoint directory .* exists and is not empty\.",
+        category=UserWarning,
+        module=r"pytorch_lightning\.callbacks\.model_checkpoint",
+    )
+    # Outside a SLURM job (a login node, any host with SLURM installed) the run is meant to be
+    # one process: the hint to prepend srun is for a job script that forgot it, and stays
+    # there (SLURM_JOB_ID set).
+    if not os.environ.get("SLURM_JOB_ID"):
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The `srun` command is available on your system but is not used",
+            category=PossibleUserWarning,
+        )
+    # An advertisement printed at every Trainer construction, and the device lines
+    # (DeviceLines); the other lines of this logger (our progress lines) stay.
+    lines = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _not_litlogger_tip not in lines.filters:
+        lines.addFilter(_not_litlogger_tip)
+    _DEVICE_LINES.shown.clear()  # a new job shows its GPU line again
+    if _DEVICE_LINES not in lines.filters:
+        lines.addFilter(_DEVICE_LINES)
 
 
 class WandbLogger(LightningWandbLogger):

@@ -6,10 +6,13 @@ A sweep leaves one job dir per run (``<sweep_dir>/<n>/``) with its overrides and
 ``metrics.json``; this reads them all and writes into the sweep dir ``summary.json`` (every
 job and every numeric metric), ``results.json`` (per metric its ``mean``, sample ``stdev``
 and per-job ``values``, as eva writes them) and ``summary.md``, which it prints: each job's
-split protocol, a row per job, then mean ± sample std per group of jobs, of the metrics a
-reader compares (accuracy, balanced accuracy, AUC, the 2-class view; ``HEADLINE``). A job dir
-without ``metrics.json`` failed (or has not finished yet): it is listed with the end of its
-log, and the other jobs are summarised all the same.
+split protocol, a row per job (with its training and test image counts), then mean ± sample
+std per group of jobs, of the metrics a reader compares (accuracy, balanced accuracy, AUC,
+the 2-class view; ``HEADLINE``). A job dir without ``metrics.json`` failed (or has not
+finished yet): it is listed with the end of its log, and the other jobs are summarised all
+the same. Jobs that trained on a limited number of batches (``debug=default``,
+``trainer.limit_*_batches``) are marked: their numbers check a pipeline, they measure
+nothing. A single run's dir (``logs/runs/<time>``) is summarised as a sweep of one job.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from breastnet import wandb_mode
 from breastnet.artifacts import write_json, write_text
@@ -44,6 +51,13 @@ HEADLINE = (
     "test_acc",
     "val_acc_best",
 )
+#: The job table's image counts: (column, metrics.json keys, the first one present).
+COUNTS = (
+    ("train images", ("data/n_train_images",)),
+    ("test images", ("data/n_test_images", "eval/n_images")),
+)
+#: Trainer settings that cut the batches of an epoch (``debug=default`` sets the limits).
+LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "fast_dev_run")
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -71,18 +85,43 @@ def _setting(job_dir: Path, overrides: dict[str, str], key: str) -> str | None:
     return None if node is None or isinstance(node, dict | list) else str(node)
 
 
+def _limits(job_dir: Path) -> list[str]:
+    """The job's settings that limit its batches (``trainer.limit_train_batches=2``...), from
+    its saved config; none for a full run."""
+    config_yaml = job_dir / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_yaml.read_text()) if config_yaml.is_file() else None
+    trainer = (config or {}).get("trainer") or {}
+
+    def limits(key: str, value: Any) -> bool:  # an int is batches (1: one), a float a share
+        if key == "fast_dev_run":
+            return bool(value)
+        return value is not None and not (isinstance(value, float) and value == 1.0)
+
+    return [f"trainer.{k}={trainer[k]}" for k in LIMITS if limits(k, trainer.get(k))]
+
+
 def _log_tail(job_dir: Path, lines: int = LOG_LINES) -> list[str]:
     """The last lines of the job's log (Hydra writes ``<job name>.log`` into the job dir)."""
     logs = sorted(job_dir.glob("*.log"), key=lambda p: p.stat().st_mtime)
     return logs[-1].read_text(errors="replace").splitlines()[-lines:] if logs else []
 
 
+def _job_dirs(sweep_dir: Path) -> list[tuple[int, Path]]:
+    """The sweep's job dirs ``<n>/`` by number, or the dir itself as job 0 when it is a single
+    run's dir (Hydra's ``.hydra/`` in it)."""
+    numbered = [(int(d.name), d) for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    if not numbered and (sweep_dir / ".hydra").is_dir():
+        return [(0, sweep_dir)]
+    return sorted(numbered)
+
+
 def read_jobs(sweep_dir: Path) -> list[dict]:
-    """Every job of the sweep, in job order: number, overrides, status, metrics."""
-    job_dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    """Every job of the sweep, in job order: number, overrides, status, metrics, and the
+    settings that limited its batches."""
     jobs = []
-    for job_dir in sorted(job_dirs, key=lambda d: int(d.name)):
-        job = {"num": int(job_dir.name), "dir": str(job_dir), "overrides": _overrides(job_dir)}
+    for num, job_dir in _job_dirs(sweep_dir):
+        job = {"num": num, "dir": str(job_dir), "overrides": _overrides(job_dir)}
+        job["limited"] = _limits(job_dir)
         metrics_path = job_dir / "metrics.json"
         if metrics_path.is_file():
             job |= {"status": "ok", "metrics": json.loads(metrics_path.read_text())}
@@ -154,7 +193,10 @@ def summarize(
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"no job dirs (<n>/) in {sweep_dir}")
+        raise FileNotFoundError(
+            f"{sweep_dir} has no job dirs (<n>/) and is no run dir (no .hydra/): give a "
+            "multirun's sweep dir (logs/multiruns/<time>, logs/cv/<time>) or a run's dir"
+        )
     members: dict[tuple, list[dict]] = {}
     for job in jobs:
         job["settings"] = {k: _setting(Path(job["dir"]), job["overrides"], k) for k in group_by}
@@ -189,10 +231,12 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
-def _short(value: str | None) -> str | None:
+def _short(value: object) -> object:
     """An override as passed, but a long float (an Optuna draw) to 4 significant digits."""
+    if not isinstance(value, str) or "." not in value:
+        return value
     try:
-        return f"{float(value):.4g}" if value and "." in value else value
+        return f"{float(value):.4g}"
     except ValueError:
         return value
 
@@ -219,15 +263,24 @@ def _metric_names(summary: dict, metrics: Sequence[str] | None) -> list[str]:
     return [k for k in found if len({m.get(k) for m in finished}) > 1]
 
 
+def _count(metrics: dict, keys: Sequence[str]) -> int | None:
+    found = next((metrics[k] for k in keys if isinstance(metrics.get(k), int | float)), None)
+    return None if found is None else int(found)
+
+
 def job_rows(summary: dict, metrics: Sequence[str] | None = None) -> tuple[list[str], list]:
-    """The per-job table: header and rows (job, status, the overrides that vary, metrics)."""
+    """The per-job table: header and rows (job, status, the image counts the jobs report, the
+    overrides that vary, metrics)."""
     names = _metric_names(summary, metrics)
-    header = ["job", "status", *summary["varying"], *names]
+    jobs = summary["jobs"]
+    counts = [(c, keys) for c, keys in COUNTS if any(_count(j["metrics"], keys) for j in jobs)]
+    header = ["job", "status", *(c for c, _ in counts), *summary["varying"], *names]
     rows = []
-    for job in summary["jobs"]:
+    for job in jobs:
         values = _numeric(job["metrics"])
         rows.append(
             [job["num"], job["status"]]
+            + [_count(job["metrics"], keys) for _, keys in counts]
             + [job["overrides"].get(key) for key in summary["varying"]]
             + [values.get(name) for name in names]
         )
@@ -246,8 +299,24 @@ def to_markdown(summary: dict, metrics: Sequence[str] | None = None) -> str:
         "## Jobs",
         "",
     ]
+    limited = [job for job in jobs if job.get("limited")]
+    if limited:
+        settings = sorted({s for job in limited for s in job["limited"]})
+        lines[-2:-2] = [
+            f"**Limited batches** in job(s) {', '.join(str(j['num']) for j in limited)} "
+            f"({', '.join(settings)}; `debug=default` sets them): a check that the pipeline "
+            "runs, not a measure of any model.",
+            "",
+        ]
     header, rows = job_rows(summary, names)
-    n_text = 2 + len(summary["varying"])  # job, status and overrides are shown as they are
+    for row, job in zip(rows, jobs, strict=True):
+        if job.get("limited"):
+            row[1] = f"{row[1]} (limited)"
+    n_text = len(header) - len(names)  # job, status, counts and overrides are shown as they are
+    from breastnet.select import test_side_note  # it reads sweeps with this module
+
+    finished = [job["overrides"] for job in jobs if job["status"] == "ok"]
+    lines += [note, ""] if (note := test_side_note(finished, names)) else []
     lines += _table(
         header,
         [r[:2] + [_short(v) for v in r[2:n_text]] + [_fmt(v) for v in r[n_text:]] for r in rows],
@@ -260,6 +329,8 @@ def to_markdown(summary: dict, metrics: Sequence[str] | None = None) -> str:
         lines += ["", "## Protocol", ""]
         lines += [f"- job {num}: {text}" for num, text in protocols if text]
     lines += ["", f"## Mean ± sample std {over} (finished jobs; std with ddof=1)", ""]
+    compared = [group["settings"] for group in summary["groups"] if group["metrics"]]
+    lines += [note, ""] if (note := test_side_note(compared, names)) else []
     group_rows = []
     for group in summary["groups"]:
         stats = group["metrics"]
@@ -314,8 +385,32 @@ def log_to_wandb(summary: dict, sweep_dir: Path, group: str | None = None) -> No
     run.finish()
 
 
+#: The sweep dir of the multirun this process runs (``SweepHint``), until ``sweep_hint`` says it.
+_sweep_dir: Path | None = None
+
+
+class SweepHint(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): note a multirun's sweep dir when it
+    starts, so the CLI can say at its end, also when a job failed (Hydra then skips
+    ``on_multirun_end``), where the jobs are and how to summarise them."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweep_dir
+        _sweep_dir = Path(str(config.hydra.sweep.dir))
+
+
+def sweep_hint() -> str | None:
+    """After a multirun, once: its sweep dir and the command that summarises it."""
+    global _sweep_dir
+    found, _sweep_dir = _sweep_dir, None
+    if found is None:
+        return None
+    return f"sweep: {found}; summary: python -m breastnet.summary {shlex.quote(str(found))}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: summarise a sweep dir, print the markdown, optionally log it to W&B."""
+    """CLI: summarise a sweep dir, print the markdown, optionally log it to W&B; a dir with
+    nothing to summarise is one line on stderr and exit status 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="the multirun dir (hydra.sweep.dir)")
     parser.add_argument(
@@ -329,7 +424,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--wandb-group", help="W&B group of that run (default: the jobs' run_group)"
     )
     args = parser.parse_args(argv)
-    summary = summarize(args.sweep_dir, args.group_by, args.metrics)
+    if not args.sweep_dir.is_dir():
+        sys.exit(f"breastnet.summary: {args.sweep_dir} is not a directory")
+    try:
+        summary = summarize(args.sweep_dir, args.group_by, args.metrics)
+    except FileNotFoundError as e:
+        if e.errno is not None:  # the OS's, not ours: keep its traceback
+            raise
+        sys.exit(f"breastnet.summary: {e}")
     print(to_markdown(summary, args.metrics), end="")
     if args.wandb:
         jobs = summary["jobs"]

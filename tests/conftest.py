@@ -139,8 +139,8 @@ def image_model_config(name: str):
     """``conf/image_model/<name>.yaml`` as the image stage composes it."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF / "image_model"), version_base="1.3"):
-        return compose(name)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(f"image_model/{name}").image_model
 
 
 def build_aggregator(name: str, feature_dim: int, num_classes: int = 4, **overrides):

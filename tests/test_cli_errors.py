@@ -80,7 +80,7 @@ def test_demo_images_without_the_demo_settings(cli: Cli, tmp_path: Path) -> None
 
 
 def test_a_bug_keeps_its_traceback(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    def bug(cfg: object) -> dict[str, float]:
+    def bug(cfg: object, *_: object) -> dict[str, float]:
         raise KeyError("a bug")
 
     monkeypatch.setattr("breastnet.cli.run_stages", bug)
@@ -194,7 +194,7 @@ def test_litlogger_tip_is_dropped_other_lightning_lines_kept(tmp_path: Path) -> 
         return logger.makeRecord(logger.name, logging.INFO, "x.py", 1, message, (), None)
 
     assert not logger.filter(record("💡 Tip: For seamless cloud logging and ..."))
-    assert logger.filter(record("GPU available: False, used: False"))
+    assert logger.filter(record("patch epoch 1/8: train_loss 1.2000 (3 s)"))
 
 
 def test_wandb_logger_passes_no_anonymous_setting(tmp_path: Path) -> None:

@@ -177,3 +177,54 @@ def test_wandb_summary_run(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None
     records = next(run_dir.glob("*.wandb")).read_bytes()
     for text in ("cv-test", "summary", "image_model=bilstm/image/test_acc/mean"):
         assert text.encode() in records
+
+
+def test_a_single_run_dir_is_one_job(tmp_path: Path) -> None:
+    """``python -m breastnet.summary logs/runs/<time>``: the run's own dir, summarised."""
+    run = tmp_path / "runs" / "2026-01-01_00-00-00"
+    metrics = {"eval/balanced_accuracy": 0.6, "data/n_train_images": 32, "eval/n_images": 4}
+    write_job(run, ["experiment=demo"], metrics)
+    summary = summarize(run)
+    assert [(j["num"], j["status"], j["dir"]) for j in summary["jobs"]] == [(0, "ok", str(run))]
+    md = (run / "summary.md").read_text()
+    assert "| job | status | train images | test images | eval/balanced_accuracy |" in md
+    assert "| 0 | ok | 32 | 4 | 0.6 |" in md
+
+
+def test_nothing_to_summarise_is_one_line(tmp_path: Path) -> None:
+    for target in (tmp_path / "missing", tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-m", "breastnet.summary", str(target)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(f"breastnet.summary: {target} ")
+
+
+def test_limited_batches_are_marked_and_counts_shown(tmp_path: Path) -> None:
+    """A `debug=default` CV: two batches per loop, numbers that measure nothing, said so."""
+    limits = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2}
+    for fold in range(2):
+        counts = {"data/n_train_images": 30 + fold, "data/n_test_images": 10 - fold}
+        write_job(
+            tmp_path / str(fold),
+            [f"data.fold={fold}", "debug=default"],
+            {"eval/balanced_accuracy": 0.25, **counts},
+            config={"trainer": {"max_epochs": 1, "limit_val_batches": 1.0} | limits},
+        )
+    summary = summarize(tmp_path)
+    assert summary["jobs"][0]["limited"] == [f"trainer.{k}=2" for k in limits]
+    md = (tmp_path / "summary.md").read_text()
+    assert "**Limited batches** in job(s) 0, 1 (trainer.limit_test_batches=2, " in md
+    assert "| job | status | train images | test images | data.fold |" in md
+    assert "| 1 | ok (limited) | 31 | 9 | 1 | 0.25 |" in md
+
+
+def test_full_runs_are_not_marked(sweep: Path) -> None:
+    write_job(sweep / "4", ["data.fold=2"], {"x": 1.0}, config={"trainer": {"max_epochs": 9}})
+    summary = summarize(sweep)
+    assert all(job["limited"] == [] for job in summary["jobs"])
+    md = (sweep / "summary.md").read_text()
+    assert "Limited" not in md and "train images" not in md

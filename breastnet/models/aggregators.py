@@ -208,3 +208,73 @@ class Vote(nn.Module):
         # Counts differ by whole votes; the tie-break adds at most VOTE_TIE_BREAK < 1.
         score = counts + VOTE_TIE_BREAK * masked_mean(probs, mask)  # B x C
         return {"logits": safe_log(score / score.sum(1, keepdim=True))}  # B x C
+
+
+class LinearProbe(nn.Module):
+    """Mean of the patch features, then a linear layer fitted in closed form, not by the
+    Lightning loop: multinomial logistic regression on the standardised means, its L2 penalty
+    C chosen by inner cross-validation on the training images alone
+    (``breastnet.models.linear_probe``, which the image stage runs before it scores the model).
+
+    The standardisation is folded into ``fc`` (W / sigma, b - W mu / sigma), so it reads the
+    same raw features as ``MeanFeatures``. The chosen C and its inner-CV score are buffers:
+    a checkpoint holds them with the weights.
+
+    Args:
+        feature_dim: width D of the patch features.
+        num_classes: output classes.
+        c_min: smallest C of the grid.
+        c_max: largest C of the grid.
+        n_c: log-spaced values of C from ``c_min`` to ``c_max``.
+        folds: inner cross-validation folds (whole source groups, stratified, seeded).
+        max_iter: L-BFGS iterations per fit.
+    """
+
+    trainable = False
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_classes: int = 4,
+        c_min: float = 1.0e-4,
+        c_max: float = 1.0e2,
+        n_c: int = 25,
+        folds: int = 5,
+        max_iter: int = 1000,
+    ):
+        super().__init__()
+        if not 0 < c_min <= c_max or n_c < 1:
+            raise ValueError(
+                f"the linear probe's grid needs 0 < c_min <= c_max and n_c >= 1, got "
+                f"c_min={c_min}, c_max={c_max}, n_c={n_c}"
+            )
+        self.num_classes = num_classes
+        self.c_min, self.c_max, self.n_c = c_min, c_max, n_c
+        self.folds, self.max_iter = folds, max_iter
+        self.fc = nn.Linear(feature_dim, num_classes).requires_grad_(False)
+        self.register_buffer("C", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer(
+            "inner_balanced_accuracy", torch.tensor(float("nan"), dtype=torch.float64)
+        )
+
+    @property
+    def fitted(self) -> bool:
+        """Whether a fit (or a checkpoint of one) has set the head."""
+        return bool(self.C.isfinite())
+
+    @torch.no_grad()
+    def load_fit(self, weight: Tensor, bias: Tensor, C: float, score: float) -> None:
+        """Set the head (``num_classes x D`` weight and bias on raw features), C and score."""
+        self.fc.weight.copy_(weight)
+        self.fc.bias.copy_(bias)
+        self.C.fill_(C)
+        self.inner_balanced_accuracy.fill_(score)
+
+    def forward(self, features: Tensor, mask: Tensor, pos: Tensor, probs: Tensor) -> dict:
+        """Logits of the masked mean feature."""
+        if not self.fitted:
+            raise RuntimeError(
+                "the linear probe is not fitted: the image stage fits it "
+                "(breastnet.models.linear_probe.fit_probe)"
+            )
+        return {"logits": self.fc(masked_mean(features, mask))}  # B x C

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this host, for the tests marked `slurm` and for CI:
 #   tests/slurm/cluster.sh start   # installs slurm-wlm and munge when absent (apt, as root)
-#   tests/slurm/cluster.sh stop    # stops the daemons by their pid files
+#   tests/slurm/cluster.sh stop [DAEMON...]  # stops the daemons (or those named) by their
+#                                            # pid files
+#   tests/slurm/cluster.sh running # the daemons alive now, one a line (munged slurmctld slurmd)
 #   tests/slurm/cluster.sh env     # the line to source: export SLURM_CONF=...
 # The host is its own controller and its only node (CPUs=2 by default, BREASTNET_SLURM_CPUS);
 # config, state, logs and pid files live under BREASTNET_SLURM_DIR (default
@@ -98,8 +100,19 @@ start() {
     exit 1
 }
 
-stop() {
-    for daemon in slurmd slurmctld munged; do
+DAEMONS=(slurmd slurmctld munged)  # the order they stop in
+
+running_daemons() {
+    for daemon in "${DAEMONS[@]}"; do
+        if running "$DIR/$daemon.pid"; then echo "$daemon"; fi
+    done
+}
+
+stop() {  # the named daemons (default: all), each by its pid file
+    local names=("$@")
+    [ $# -gt 0 ] || names=("${DAEMONS[@]}")
+    for daemon in "${DAEMONS[@]}"; do
+        [[ " ${names[*]} " == *" $daemon "* ]] || continue
         local pidfile=$DIR/$daemon.pid
         if running "$pidfile"; then
             local pid
@@ -109,12 +122,13 @@ stop() {
         fi
         rm -f "$pidfile"
     done
-    echo "cluster.sh: stopped"
+    echo "cluster.sh: stopped ${names[*]}"
 }
 
 case ${1:-} in
     start) start ;;
-    stop) stop ;;
+    stop) shift; stop "$@" ;;
+    running) running_daemons ;;
     env) echo "export SLURM_CONF=$CONF" ;;
-    *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop [DAEMON...]|running|env" >&2; exit 2 ;;
 esac

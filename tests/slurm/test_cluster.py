@@ -46,20 +46,38 @@ JOB_ENV = {
 }
 
 
+def running_daemons() -> set[str]:
+    """The cluster's daemons alive now (by their pid files)."""
+    out = subprocess.run([str(CLUSTER), "running"], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def stop_started(before: set[str]) -> None:
+    """Stop the daemons that run now and did not run ``before``."""
+    if started := running_daemons() - before:
+        subprocess.run([str(CLUSTER), "stop", *sorted(started)], check=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    """Start the cluster (or find it running); the environment its commands need."""
+    """Start the cluster (or find it running); the environment its commands need. The
+    daemons it started are stopped afterwards (also when it could not start them all), those
+    running before are left running."""
+    before = running_daemons()
     try:
         started = subprocess.run(
             [str(CLUSTER), "start"], capture_output=True, text=True, timeout=300
         )
+        problem = started.stderr.strip()[-500:] if started.returncode else None
     except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"the SLURM daemons could not start: {e}")
-    if started.returncode != 0:
-        pytest.skip(f"the SLURM daemons could not start: {started.stderr.strip()[-500:]}")
+        problem = str(e)
+    if problem is not None:
+        stop_started(before)
+        pytest.skip(f"the SLURM daemons could not start: {problem}")
     conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True)
     env = os.environ | JOB_ENV | {"SLURM_CONF": conf.stdout.split("=", 1)[1].strip()}
     yield env
+    stop_started(before)
 
 
 def sbatch(env: dict[str, str], *args: str, cwd: Path = ROOT) -> str:
