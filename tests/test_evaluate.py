@@ -546,7 +546,7 @@ def test_evaluate_holds_its_report_from_the_first_part_to_the_last(
 
     def predict_while_locked(*args, **kwargs):
         try:
-            FileLock(lock_path(report.with_name(f"{report.name}.evaluate"))).acquire(timeout=0)
+            FileLock(lock_path(report / "evaluate.run")).acquire(timeout=0)
             held.append(False)
         except Timeout:
             held.append(True)

@@ -64,7 +64,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     aggregator = model.aggregator  # a frozen encoder's heatmaps: its per-tile probabilities
     # One evaluation of a report at a time, from its first part to the report that drops the
     # parts: a second job (a requeue, a duplicate) waits, then evaluates on its own parts.
-    with locked_on_rank_zero(out.with_name(f"{out.name}.evaluate")):
+    with locked_on_rank_zero(out / "evaluate.run"):  # out/.evaluate.run.lock
         outputs = predict_images(cfg, embedder, dataset, ids, out / ".parts", "evaluate")
         report = partial(_report, cfg, datamodule, outputs, out, checkpoints, aggregator)
         return on_rank_zero(report) or {}
