@@ -45,6 +45,7 @@ test: install ## fast test suite (what CI runs)
 	workers=$$((cpus < 4 ? cpus : 4)); \
 	[ $$workers -gt 1 ] || workers=0; \
 	echo "pytest: $$cpus CPU(s), $$workers worker(s)"; \
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$((cpus / (workers > 0 ? workers : 1)))} \
 		$(PY) -m pytest -m "not slow" -q -n $$workers
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from breastnet.errors import ConfigError, is_user_error, unwrap
 from breastnet.logs import remove_unused_run_dir, setup_run_logging
 from breastnet.summary import sweep_hint
-from breastnet.threads import configure_torch
+from breastnet.threads import configure_torch, passive_openmp
 from breastnet.typos import check_overrides
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def main() -> float | None:
     """Entry point: a mistyped setting is one message (``breastnet.typos``) before Hydra
     composes, which would advise its ``+`` form; then ``run``; after a multirun, where its
     jobs are and the command that summarises them (also when a job failed)."""
+    passive_openmp()  # before torch is imported: waiting threads sleep on a shared machine
     try:
         check_overrides(sys.argv[1:], CONF_DIR)
     except ConfigError as e:

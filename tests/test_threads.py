@@ -2,6 +2,8 @@
 SLURM allocation, a cgroup quota, or BREASTNET_CPUS; the config's worker defaults follow."""
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from breastnet.errors import ConfigError
-from breastnet.threads import available_cpus, configure_torch, workers
+from breastnet.threads import available_cpus, configure_torch, passive_openmp, workers
 
 from conftest import compose_config
 
@@ -87,3 +89,27 @@ def test_configure_torch_sets_the_threads(
     torch.set_num_threads(2)  # as OMP_NUM_THREADS=2 made it when torch started
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own number keeps its word
     assert configure_torch() == 2 == torch.get_num_threads()
+
+
+def test_openmp_threads_wait_passively_unless_told_otherwise() -> None:
+    env: dict[str, str] = {}
+    passive_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    passive_openmp(mine)
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_the_cli_sets_the_wait_policy_before_torch_starts() -> None:
+    """In a fresh process: ``main`` runs before any torch import, and the policy is set."""
+    code = (
+        "import os, sys; sys.argv = ['breastnet', '--help']\n"
+        "from breastnet import cli\n"
+        "assert 'torch' not in sys.modules\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
