@@ -53,3 +53,16 @@ def test_refit_trains_on_train_and_val_for_the_chosen_epochs(tmp_path: Path) -> 
     assert {store.rows[i].encoder for i in store} == {lineage.patch.name}
     plain = compose_config(tmp_path, *REFIT[:-2], f"data.data_dir={demo}")
     assert Lineage(plain).patch == lineage.selection
+    # The image model's val images trained the refit CNN: its metrics say val is not clean.
+    image = compose_config(
+        tmp_path, *REFIT[:-1], f"data.data_dir={demo}", "stages=[image]", "image.max_epochs=1"
+    )
+    assert run_stages(image)["image/val_seen_by_patch_model"] == 1.0
+    plain_image = compose_config(
+        tmp_path,
+        *REFIT[:-2],
+        f"data.data_dir={demo}",
+        "stages=[features,image]",
+        "image.max_epochs=1",
+    )
+    assert "image/val_seen_by_patch_model" not in run_stages(plain_image)

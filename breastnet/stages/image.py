@@ -44,6 +44,8 @@ from breastnet.trainer import EpochSeed, build_trainer
 log = logging.getLogger(__name__)
 
 SELECT_METRIC = "select/inner_balanced_accuracy"
+REFIT_VAL = "image/val_seen_by_patch_model"
+"""1.0 when the image model's val images trained the patch CNN (``patch.refit``)."""
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -74,6 +76,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "use image_model=attention, mean_features, linear_probe or bilstm"
         )
     metrics = train_once(lineage.image, "image", lambda: _train(cfg, lineage))
+    if lineage.refit:  # the key says so too: its upstream is the refit patch model's
+        log.warning(
+            "patch.refit=true: the val images trained the patch CNN, so image/val_acc_best "
+            "(and the epoch it chose) is optimistic: choose with select=inner_cv instead"
+        )
+        metrics = metrics | {REFIT_VAL: 1.0}
     if folds:
         metrics = metrics | _inner_cv_once(cfg, lineage, folds)
     return metrics
