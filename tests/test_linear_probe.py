@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from feature_sides import C, D, FeatureSides, Untouchable, images, pooled, relabelled
 from hydra.utils import instantiate
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
@@ -27,6 +26,7 @@ from breastnet.models.linear_probe import c_grid, fit_probe
 from breastnet.synthetic import write_synthetic_dataset
 
 from conftest import SHARED_MOBILENET, SMALL_RUN, compose_config
+from feature_sides import C, D, FeatureSides, Untouchable, images, pooled, relabelled
 
 SEED = 2019
 TRAIN, TRAIN_GROUPS = images(48, seed=0, prefix="tr", signal=1.5)

@@ -1,12 +1,12 @@
 """select.inner_folds: inner folds of whole source groups, and an objective computed on the
 training side alone, whatever the val and test images hold."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from feature_sides import C, FeatureSides, Untouchable, images, pooled, relabelled
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
@@ -16,6 +16,7 @@ from breastnet.selection import inner_splits
 from breastnet.stages.image import SELECT_METRIC, inner_cv_metrics, inner_folds
 
 from conftest import compose_config
+from feature_sides import C, FeatureSides, Untouchable, images, pooled, relabelled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,3 +113,13 @@ def _with_code(x: torch.Tensor, code: np.ndarray) -> torch.Tensor:
     """Features with ``code`` appended to every patch (D + C wide)."""
     tail = torch.tensor(code, dtype=x.dtype).expand(len(x), -1)
     return torch.cat([x, tail], 1)
+
+
+def test_inner_fits_print_nothing_of_their_own(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No val loader and a fit to max_epochs are what an inner fold is: no line says so."""
+    with caplog.at_level(logging.INFO):
+        objective(tmp_path, "mean_features", {"train": TRAIN, "val": VAL, "test": TEST})
+    assert not [w for w in recwarn if "val_dataloader" in str(w.message)]
+    assert "max_epochs" not in caplog.text and "select: inner 3-fold" in caplog.text

@@ -17,6 +17,9 @@ for it.
 
 import json
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -221,8 +224,24 @@ def _fit_and_predict(
             generator=torch.Generator().manual_seed(cfg.seed),
             collate_fn=pad_collate,
         )
-        trainer.fit(model, train_dataloaders=loader)
+        with _quiet_inner_fit():
+            trainer.fit(model, train_dataloaders=loader)
     return _predict(model, Subset(dataset, held.tolist()), batch)
+
+
+@contextmanager
+def _quiet_inner_fit() -> Iterator[None]:
+    """An inner fold's fit has no val loader and stops at ``image.max_epochs`` by design:
+    Lightning's two lines saying so, once per fold of every job, tell the user nothing."""
+    lines = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = lines.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
+        lines.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            lines.setLevel(level)
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ on bach-dev, then ``breastnet.summary``:
 
 - eva's patient-aware split, its bach-dev part (134 training images, val carved out of them by
   the split seed; 66 test images), split and training seeds 2019, 2020, 2021;
-- 5-fold CV grouped by BACH's patients (``data.groups=auto``, the default, resolves to ``bach`` here), split seed 2019.
+- 5-fold CV grouped by BACH's patients (``data.groups=auto``, the default, resolves to
+  ``bach`` here), split seed 2019.
 
     python experiments/bach_cpu/levers.py --work-dir /tmp/lv/work --out /tmp/lv/cv r1 r2
     python experiments/bach_cpu/levers.py --out /tmp/lv/cv --table   # the markdown table
