@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from breastnet import wandb_mode
 from breastnet.artifacts import write_json, write_text
+from breastnet.logs import plural
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def to_markdown(summary: dict, metrics: Sequence[str] | None = None) -> str:
     lines = [
         f"# Sweep {summary['sweep_dir']}",
         "",
-        f"{len(jobs)} jobs: {len(jobs) - len(failed)} finished, {len(failed)} failed.",
+        f"{plural(len(jobs), 'job')}: {len(jobs) - len(failed)} finished, {len(failed)} failed.",
         "",
         "## Jobs",
         "",
