@@ -77,20 +77,18 @@ def test_a_frozen_encoder_reports_no_patch_accuracy(frozen_run) -> None:
     assert "per-class tile probabilities of the image model&#x27;s own head" in page
 
 
-def test_a_frozen_encoder_predicts_without_patch_accuracy(frozen_run, tmp_path: Path) -> None:
+def _predict(frozen_run, out: Path, folder: str, *settings: str) -> dict[str, float]:
+    """Predict ``folder`` of the frozen run's data (training images scored) into ``out``."""
     run, overrides, _ = frozen_run
     data = Path(compose_config(run, *overrides).data.data_dir)
+    inputs = (f"predict.input={data / folder}", f"predict.output_dir={out}")
+    cfg = compose_config(run, *overrides, *settings, *inputs, "predict.include_training=true")
+    return run_stages(cfg)
+
+
+def test_a_frozen_encoder_predicts_without_patch_accuracy(frozen_run, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cfg = compose_config(
-        run,
-        *overrides,
-        "stages=[predict]",
-        f"predict.input={data}",
-        f"predict.output_dir={out}",
-        "predict.include_training=true",
-        "evaluate.examples=1",
-    )
-    metrics = run_stages(cfg)
+    metrics = _predict(frozen_run, out, "", "stages=[predict]", "evaluate.examples=1")
     assert metrics["predict/n_images"] == 16 and not [k for k in metrics if "patch_acc" in k]
     saved = json.loads((out / "metrics.json").read_text())
     assert "patch_accuracy" not in saved
@@ -100,22 +98,17 @@ def test_a_frozen_encoder_predicts_without_patch_accuracy(frozen_run, tmp_path: 
 
 def test_a_frozen_encoder_under_a_bilstm_draws_no_heatmap(frozen_run, tmp_path: Path) -> None:
     """A BiLSTM has no per-tile logits: no heatmap, and the page says why."""
-    run, overrides, _ = frozen_run
-    data = Path(compose_config(run, *overrides).data.data_dir)
     out = tmp_path / "out"
-    cfg = compose_config(
-        run,
-        *overrides,
-        "image_model=bilstm",
-        "image_model.aggregator.hidden_size=8",
+    bilstm = ("image_model=bilstm", "image_model.aggregator.hidden_size=8")
+    _predict(
+        frozen_run,
+        out,
+        "Normal",
+        *bilstm,
         "image_model.aggregator.num_layers=1",
         "image.max_epochs=1",
         "stages=[image,predict]",
-        f"predict.input={data / 'Normal'}",
-        f"predict.output_dir={out}",
-        "predict.include_training=true",
     )
-    run_stages(cfg)
     assert not list(out.glob("heatmap_*.png")) and (out / "patch_grid.png").is_file()
     assert (
         "No heatmaps: the patch CNN gives no class probabilities"

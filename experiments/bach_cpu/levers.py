@@ -15,6 +15,11 @@ on bach-dev, then ``breastnet.summary``:
 The table gives, per lever and image model, balanced accuracy and accuracy: mean ± sample std
 with the values of each seed or fold. A lever that wins on one yardstick and loses on the
 other is not a win.
+
+These levers are compared on their test images (17 of them): the table says how each one
+scores, and a choice read off it is a choice made on the test side. ``experiment=bach_cpu`` is
+chosen without the test side now (``breastnet.select``, RESULTS.md); ``BASE`` pins the tile
+view it had when these levers ran.
 """
 
 import argparse
@@ -30,7 +35,7 @@ def tiling(tile: int, patch: int, stride: int | None = None) -> tuple[str, ...]:
     return (f"data.tile_size={tile}", f"data.stride={stride or tile}", f"data.patch_size={patch}")
 
 
-BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false")
+BASE = ("experiment=bach_cpu", "logger=csv", "features.tta=false", "features.view=tiles")
 
 
 def fine_tune(epochs: int = 4, head_epochs: int = 1) -> tuple[str, ...]:
