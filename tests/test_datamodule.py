@@ -213,3 +213,15 @@ def test_augmentation_depends_on_seed_epoch_and_sample_only(make_dm) -> None:
     seen = [[i for i, _ in h] for h in halves]
     assert set(seen[0]) | set(seen[1]) == set(range(len(dm.datasets["train"])))
     assert len(seen[0]) == len(seen[1])
+
+
+def test_a_jitter_that_cannot_apply_is_said_where_a_cnn_trains(
+    make_dm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """stain=none has no stain matrix to jitter: said when patches train a CNN, not by the
+    stages that only embed or score (a frozen encoder's features, evaluate, predict)."""
+    build(make_dm(stain={"method": "none"}).hparams)
+    make_dm(stain={"method": "none"}, mode="image").setup()
+    assert "he_jitter" not in caplog.text
+    make_dm(stain={"method": "none"}).setup()
+    assert "augment.he_jitter needs stain normalisation" in caplog.text

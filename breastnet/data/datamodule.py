@@ -112,7 +112,7 @@ class BreastDataModule(pl.LightningDataModule):
             for side in SIDES:
                 self.datasets[side] = FeatureDataset(store, ids[side], found.labels)
             return
-        labels, augment = found.labels, self._augment_kwargs()
+        labels, augment = found.labels, self._augment_kwargs(self.hparams.mode == "patch")
         for side in SIDES:
             records = [found.records[i] for i in found.split[side] if i in found.records]
             transform = build_transforms(side == "train", **augment)
@@ -147,11 +147,13 @@ class BreastDataModule(pl.LightningDataModule):
         """Width of the cached feature vectors (2048 for Inception-V3)."""
         return self._features().width
 
-    def _augment_kwargs(self) -> dict:
+    def _augment_kwargs(self, training: bool = False) -> dict:
+        """The transforms' settings; ``training``: patches a CNN trains on now, where an H&E
+        jitter that cannot apply is said (a frozen encoder or inference never jitters)."""
         augment = self.hparams.augment
         jitter = augment.get("he_jitter")
         reference = self.prepared.stain.reference
-        if jitter and reference is None:
+        if training and jitter and reference is None:
             log.warning("augment.he_jitter needs stain normalisation (stain=macenko): not applied")
         return {
             "stain_matrix": reference.stain_matrix if reference else None,
