@@ -9,7 +9,7 @@ from PIL import Image
 
 from breastnet import CLASSES
 from breastnet.data import bach
-from breastnet.data.bach import DataError, build_index, read_rgb
+from breastnet.data.bach import DataError, build_index, find_images, read_rgb
 from breastnet.labels import canonical_label
 
 from conftest import tissue_like, write_image
@@ -188,3 +188,17 @@ def test_index_roundtrip_and_reuse_without_decoding(
     Image.fromarray(tissue_like(77)).save(changed)
     with pytest.raises(AssertionError, match="no000.png decoded again"):
         index(tiny_bach, previous=previous)
+
+
+def test_broken_links_are_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of links whose targets moved: the images still there are found, the broken
+    links are counted and named, not skipped without a word."""
+    write_image(tmp_path / "Normal" / "n000.png", tissue_like(0))
+    for i in (1, 2):
+        (tmp_path / "Normal" / f"n00{i}.png").symlink_to(f"../../moved/n00{i}.png")
+    found = find_images(tmp_path)
+    assert [p.name for p in found] == ["n000.png"]
+    (warning,) = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert warning.startswith("2 broken symbolic link(s)") and "n002.png" in warning

@@ -225,3 +225,21 @@ def test_a_jitter_that_cannot_apply_is_said_where_a_cnn_trains(
     assert "he_jitter" not in caplog.text
     make_dm(stain={"method": "none"}).setup()
     assert "augment.he_jitter needs stain normalisation" in caplog.text
+
+
+def test_another_tiling_indexes_without_decoding_again(
+    make_dm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tile size keys an index of its own (what is usable differs), but no file is decoded
+    and hashed twice in one work dir."""
+    from breastnet.data import prepare
+
+    first = prepare.build_index(Path(make_dm().hparams.work_dir), make_dm().hparams)
+    decoded = []
+    monkeypatch.setattr("breastnet.data.bach._validate", lambda path: decoded.append(path))
+    other = make_dm(tile_size=32, stride=32).hparams
+    entries = prepare.build_index(Path(other.work_dir), other)
+    assert decoded == [] and [e.sha1 for e in entries] == [e.sha1 for e in first]
+    assert keys.index_path(Path(other.work_dir), other) != keys.index_path(
+        Path(other.work_dir), make_dm().hparams
+    )
