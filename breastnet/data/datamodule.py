@@ -104,13 +104,12 @@ class BreastDataModule(pl.LightningDataModule):
         hp = self.hparams
         self.prepared = found = prepare.load(hp, hp.inner_fold, hp.refit)
         if self.hparams.mode == "features":  # cached CNN outputs: no patches, no augmentation
-            store = self._features()
-            ids = {s: [i for i in found.split[s] if i in found.records] for s in SIDES}
-            sha1 = {e.image_id: e.sha1 for e in found.entries}
-            if stale := store.stale({i: sha1[i] for side in ids.values() for i in side}):
-                raise DataError(missing_message(store.root, stale, sum(map(len, ids.values()))))
+            store, wanted = self._features(), found.contents()
+            if stale := store.stale(wanted):
+                raise DataError(missing_message(store.root, stale, len(wanted)))
             for side in SIDES:
-                self.datasets[side] = FeatureDataset(store, ids[side], found.labels)
+                ids = list(found.contents([side]))
+                self.datasets[side] = FeatureDataset(store, ids, found.labels)
             return
         labels, augment = found.labels, self._augment_kwargs(self.hparams.mode == "patch")
         for side in SIDES:

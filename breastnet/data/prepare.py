@@ -10,7 +10,7 @@ lives.
 """
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,12 @@ class PreparedData:
     def labels(self) -> dict[str, int]:
         """Each image's class index, by image id."""
         return {e.image_id: e.label_index for e in self.entries}
+
+    def contents(self, sides: Sequence[str] = SIDES) -> dict[str, str]:
+        """The cached images of ``sides`` (in split order), each with its content hash: what
+        a features store must hold, from that content, to serve them."""
+        sha1 = {e.image_id: e.sha1 for e in self.entries}
+        return {i: sha1[i] for side in sides for i in self.split[side] if i in self.records}
 
 
 def build_index(work_dir: Path, data: Mapping[str, Any]) -> list[IndexEntry]:

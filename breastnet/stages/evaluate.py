@@ -75,16 +75,15 @@ def _stored(
 ) -> list[str]:
     """The images of ``sides`` whose current content the store holds; the others (added or
     changed since the features stage ran) are named in a warning and left out."""
-    prepared = datamodule.prepared
-    sha1 = {e.image_id: e.sha1 for e in prepared.entries}
-    wanted = {i: sha1[i] for side in sides for i in prepared.split[side] if i in prepared.records}
+    wanted = datamodule.prepared.contents(sides)
     if stale := store.stale(wanted):
         log.warning(
             "%s; evaluating the other %d",
             missing_message(store.root, stale, len(wanted)),
             len(wanted) - len(stale),
         )
-    return [i for i in wanted if i not in set(stale)]
+    left_out = set(stale)
+    return [i for i in wanted if i not in left_out]
 
 
 def split_facts(cfg: DictConfig, datamodule: BreastDataModule, evaluated: set[str]) -> dict:

@@ -57,9 +57,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             (model, [i for i in ids if i in records])
             for model, ids in _assignments(cfg, lineage, datamodule)
         ]
-        sha1 = {e.image_id: e.sha1 for e in datamodule.prepared.entries}
+        contents = datamodule.prepared.contents()
         encoders = {i: model.patch.name for model, ids in plan for i in ids}
-        sha1s = {i: sha1[i] for i in encoders}
+        sha1s = {i: contents[i] for i in encoders}
         store = open_store(out)
         todo = set(store.stale(sha1s, encoders) if store else sha1s)
         if todo:
