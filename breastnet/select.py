@@ -30,7 +30,7 @@ import numpy as np
 
 from breastnet.artifacts import write_json, write_text
 from breastnet.errors import ConfigError
-from breastnet.summary import COUNTS, _setting, read_jobs
+from breastnet.summary import COUNTS, fmt, image_count, markdown_table, read_jobs, setting
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ def _stats(values: list[float]) -> dict:
 def _fold_of(job: dict) -> str:
     """The job's outer fold (``data.fold`` when ``data.folds`` is set), else ``FIXED_SPLIT``."""
     job_dir, overrides = Path(job["dir"]), job["overrides"]
-    if _setting(job_dir, overrides, "data.folds") in (None, "null", "None"):
+    if setting(job_dir, overrides, "data.folds") in (None, "null", "None"):
         return FIXED_SPLIT
-    return _setting(job_dir, overrides, "data.fold") or "0"
+    return setting(job_dir, overrides, "data.fold") or "0"
 
 
 def _label(fold: str) -> str:
@@ -119,12 +119,9 @@ def _fold_order(fold: str) -> tuple[int, str]:
 
 
 def _count(jobs: list[dict], keys: Sequence[str]) -> int | None:
-    """An image count (the first of ``keys`` present) of the first of ``jobs`` that has it."""
-    for job in jobs:
-        found = next((job["metrics"][k] for k in keys if k in job["metrics"]), None)
-        if isinstance(found, int | float):
-            return int(found)
-    return None
+    """An image count (``summary.image_count``) of the first of ``jobs`` that has it."""
+    found = (image_count(job["metrics"], keys) for job in jobs)
+    return next((n for n in found if n is not None), None)
 
 
 def _test_metrics(jobs: list[dict]) -> dict[str, dict]:
@@ -249,7 +246,7 @@ def select(sweep_dir: Path, objective: str = DEFAULT_OBJECTIVE) -> dict:
         over = "folds"
         test = {k: _stats([f[k] for f in per_fold if k in f]) for k in names}
     first = finished[0]
-    inner = _setting(Path(first["dir"]), first["overrides"], "select.inner_folds")
+    inner = setting(Path(first["dir"]), first["overrides"], "select.inner_folds")
     return {
         "sweep_dir": str(sweep_dir),
         "objective": objective,
@@ -268,20 +265,11 @@ def select(sweep_dir: Path, objective: str = DEFAULT_OBJECTIVE) -> dict:
     }
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
-
-
 def _pm(stats: dict | None) -> str:
     """``mean ± std`` (the mean alone for one value)."""
     if stats is None:
         return "—"
-    return _fmt(stats["mean"]) + ("" if stats["stdev"] is None else f" ± {_fmt(stats['stdev'])}")
-
-
-def _table(header: Sequence[object], rows: list[list[object]]) -> list[str]:
-    lines = [f"| {' | '.join(map(str, header))} |", f"|{' --- |' * len(header)}"]
-    return lines + [f"| {' | '.join('—' if c is None else str(c) for c in r)} |" for r in rows]
+    return fmt(stats["mean"]) + ("" if stats["stdev"] is None else f" ± {fmt(stats['stdev'])}")
 
 
 def protocol_line(result: dict) -> str:
@@ -319,21 +307,21 @@ def to_markdown(result: dict) -> str:
         lines += ["", f"Job(s) {jobs} failed and were left out of the choice."]
     varying, fold_names = result["varying"], [f["fold"] for f in folds]
     lines += ["", f"## Configs: {objective} (mean over seeds; their test numbers unshown)", ""]
-    lines += _table(
+    lines += markdown_table(
         ["config", *varying, *map(_label, fold_names)],
         [
             [c["config"], *c["settings"].values()]
-            + [_fmt(c["objective"].get(f, {}).get("mean")) for f in fold_names]
+            + [fmt(c["objective"].get(f, {}).get("mean")) for f in fold_names]
             for c in result["candidates"]
         ],
     )
     names = [(label, key) for label, key in SHOWN if key in result["test"]]
     lines += ["", "## Chosen per fold, its test numbers (mean ± std over seeds)", ""]
-    lines += _table(
+    lines += markdown_table(
         ["fold", "config", *varying, "objective", "compared", "seeds", "train images"]
         + ["test images", *(label for label, _ in names)],
         [
-            [f["fold"], f["chosen"], *f["settings"].values(), _fmt(f["objective"])]
+            [f["fold"], f["chosen"], *f["settings"].values(), fmt(f["objective"])]
             + [f["n_compared"], len(f["jobs"]), f["n_train_images"], f["n_test_images"]]
             + [_pm(f["test"].get(key)) for _, key in names]
             for f in folds
@@ -345,7 +333,9 @@ def to_markdown(result: dict) -> str:
         seeds = len(folds[0]["jobs"])
         over = f"mean ± sample std over {seeds} seeds" if seeds > 1 else "one run"
     lines += ["", f"## The chosen configs' test numbers: {over}", ""]
-    lines += _table([label for label, _ in names], [[_pm(result["test"][k]) for _, k in names]])
+    lines += markdown_table(
+        [label for label, _ in names], [[_pm(result["test"][k]) for _, k in names]]
+    )
     return "\n".join(lines) + "\n"
 
 

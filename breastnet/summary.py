@@ -69,7 +69,7 @@ def _overrides(job_dir: Path) -> dict[str, str]:
     return {key.lstrip("+"): value for key, value in pairs}
 
 
-def _setting(job_dir: Path, overrides: dict[str, str], key: str) -> str | None:
+def setting(job_dir: Path, overrides: dict[str, str], key: str) -> str | None:
     """The job's value of ``key``: its override, else its config group choice (``image_model``
     when left at the default), else the scalar in its saved config."""
     if key in overrides:
@@ -200,7 +200,7 @@ def summarize(
         )
     members: dict[tuple, list[dict]] = {}
     for job in jobs:
-        job["settings"] = {k: _setting(Path(job["dir"]), job["overrides"], k) for k in group_by}
+        job["settings"] = {k: setting(Path(job["dir"]), job["overrides"], k) for k in group_by}
         job["group"] = ", ".join(f"{k}={v}" for k, v in job["settings"].items()) or "all"
         members.setdefault(tuple(job["settings"].values()), []).append(job)
     groups = [
@@ -228,7 +228,8 @@ def summarize(
     return summary
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
+    """A metric in a markdown table: 4 significant digits, a dash for none."""
     return "—" if value is None else f"{value:.4g}"
 
 
@@ -246,7 +247,8 @@ def _cell(text: object) -> str:
     return "—" if text is None else str(text).replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: Sequence[object], rows: list[list[object]]) -> list[str]:
+    """A markdown table; a None cell is a dash, a ``|`` in a cell is escaped."""
     lines = [f"| {' | '.join(_cell(h) for h in header)} |", f"|{' --- |' * len(header)}"]
     return lines + [f"| {' | '.join(_cell(c) for c in row)} |" for row in rows]
 
@@ -264,7 +266,8 @@ def _metric_names(summary: dict, metrics: Sequence[str] | None) -> list[str]:
     return [k for k in found if len({m.get(k) for m in finished}) > 1]
 
 
-def _count(metrics: dict, keys: Sequence[str]) -> int | None:
+def image_count(metrics: dict, keys: Sequence[str]) -> int | None:
+    """An image count of one job's ``metrics``: the first of ``keys`` it has."""
     found = next((metrics[k] for k in keys if isinstance(metrics.get(k), int | float)), None)
     return None if found is None else int(found)
 
@@ -274,14 +277,16 @@ def job_rows(summary: dict, metrics: Sequence[str] | None = None) -> tuple[list[
     overrides that vary, metrics)."""
     names = _metric_names(summary, metrics)
     jobs = summary["jobs"]
-    counts = [(c, keys) for c, keys in COUNTS if any(_count(j["metrics"], keys) for j in jobs)]
+    counts = [
+        (c, keys) for c, keys in COUNTS if any(image_count(j["metrics"], keys) for j in jobs)
+    ]
     header = ["job", "status", *(c for c, _ in counts), *summary["varying"], *names]
     rows = []
     for job in jobs:
         values = _numeric(job["metrics"])
         rows.append(
             [job["num"], job["status"]]
-            + [_count(job["metrics"], keys) for _, keys in counts]
+            + [image_count(job["metrics"], keys) for _, keys in counts]
             + [job["overrides"].get(key) for key in summary["varying"]]
             + [values.get(name) for name in names]
         )
@@ -318,9 +323,9 @@ def to_markdown(summary: dict, metrics: Sequence[str] | None = None) -> str:
 
     finished = [job["overrides"] for job in jobs if job["status"] == "ok"]
     lines += [note, ""] if (note := test_side_note(finished, names)) else []
-    lines += _table(
+    lines += markdown_table(
         header,
-        [r[:2] + [_short(v) for v in r[2:n_text]] + [_fmt(v) for v in r[n_text:]] for r in rows],
+        [r[:2] + [_short(v) for v in r[2:n_text]] + [fmt(v) for v in r[n_text:]] for r in rows],
     )
 
     group_by = summary["group_by"]
@@ -340,11 +345,11 @@ def to_markdown(summary: dict, metrics: Sequence[str] | None = None) -> str:
         group_rows.append(
             [*(group["settings"].values() if group_by else ["all"]), counts]
             + [
-                f"{_fmt(stats[n]['mean'])} ± {_fmt(stats[n]['std'])}" if n in stats else "—"
+                f"{fmt(stats[n]['mean'])} ± {fmt(stats[n]['std'])}" if n in stats else "—"
                 for n in names
             ]
         )
-    lines += _table([*(group_by or ["group"]), "jobs", *names], group_rows)
+    lines += markdown_table([*(group_by or ["group"]), "jobs", *names], group_rows)
 
     if failed:
         lines += ["", "## Failed jobs"]
@@ -436,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(to_markdown(summary, args.metrics), end="")
     if args.wandb:
         jobs = summary["jobs"]
-        run_groups = {_setting(Path(j["dir"]), j["overrides"], "run_group") for j in jobs}
+        run_groups = {setting(Path(j["dir"]), j["overrides"], "run_group") for j in jobs}
         default = run_groups.pop() if len(run_groups) == 1 else None
         log_to_wandb(summary, args.sweep_dir, args.wandb_group or default)
 
