@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from breastnet.errors import ConfigError
+from breastnet.models.aggregators import masked_mean
 from breastnet.models.backbone import PatchNet
 from breastnet.models.embedding import embed_patches, scatter_patches
 
@@ -65,11 +66,6 @@ def whole_image(patches: Tensor, positions: Tensor, step: int | None = None) -> 
     return torch.from_numpy(resized).permute(2, 0, 1).to(patches.device)
 
 
-def _mean_rows(values: Tensor, mask: Tensor) -> Tensor:
-    """Each image's mean of ``values`` [B, N] over its real rows, as one row: [B, 1]."""
-    return ((values * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None]
-
-
 class Embedder(pl.LightningModule):
     """``Trainer.predict`` over batches of whole images (``pad_collate``'d).
 
@@ -105,7 +101,7 @@ class Embedder(pl.LightningModule):
         if self.net is not None and self.view == "whole":  # one row: the image, on no tile
             pos = pos.new_zeros((len(mask), 1, 2))  # the aggregator's (0, 0)
             tissue = grid.get("tissue")
-            grid = {} if tissue is None else {"tissue": _mean_rows(tissue, mask)}
+            grid = {} if tissue is None else {"tissue": masked_mean(tissue[..., None], mask)}
             mask = valid[:, None]  # B x 1
         per_patch = {"features": features, "probs": probs, **grid}
         per_image = {}
